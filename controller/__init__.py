@@ -1,0 +1,1 @@
+"""edgefleet controller: the cloud side (reconcile, compile, store, OTA, fleet state, API)."""

@@ -1,0 +1,1 @@
+"""Fleet state: SQLModel tables, device registry, telemetry ingest, rollout bookkeeping."""

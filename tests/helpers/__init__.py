@@ -1,0 +1,1 @@
+"""Shared test helpers: real Mosquitto broker, free ports, process management."""
