@@ -33,14 +33,18 @@ def now_ms() -> int:
 
 
 def _active_model(models: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The main model a device serves now (active, no variant), else any active one."""
-    active = [m for m in models or [] if m.get("active", True)]
+    """The main model a device serves now (active, no variant), else any active one.
+
+    ``models`` are protobuf ServedModel dicts (MessageToDict), where a false ``active`` is absent.
+    """
+    active = [m for m in models or [] if m.get("active", False)]
     main = [m for m in active if not m.get("variant")]
-    return (main or active or [None])[0]
+    pick = main or active
+    return pick[0] if pick else None
 
 
 def _served(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [m for m in models or [] if m.get("active", True)]
+    return [m for m in models or [] if m.get("active", False)]
 
 
 def _update_state(updates: list[dict[str, Any]]) -> str:

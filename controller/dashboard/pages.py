@@ -132,7 +132,7 @@ def device_html(d: dict[str, Any]) -> str:
         f"<tr><td>{esc(m.get('name'))}</td><td>{esc(m.get('version'))}</td>"
         f"<td>{esc(m.get('variant') or '-')}</td><td>{esc(m.get('slot'))}</td>"
         f"<td>{esc(m.get('engine_kind') or m.get('engineKind'))}</td>"
-        f"<td>{esc(m.get('precision'))}</td><td>{'yes' if m.get('active', True) else 'no'}</td>"
+        f"<td>{esc(m.get('precision'))}</td><td>{'yes' if m.get('active', False) else 'no'}</td>"
         "</tr>" for m in d["models"]) or "<tr><td colspan=\"7\" class=\"empty\">none</td></tr>"
     rollouts = "".join(
         f"<tr><td>{esc(r['rollout'])}</td><td>{esc(r['model'])}@{esc(r['version'])}</td>"

@@ -1,0 +1,233 @@
+"""The ``edgefleet`` command (console script): run the controller and talk to it.
+
+Subcommands: ``up`` (embedded controller, broker and dashboard: controller/embedded.py),
+``apply -f``, ``get``, ``delete``, ``push`` (HTTP client: controller/cli_client.py),
+``keys init|rotate|revoke|show`` (controller/ota/keys.py), ``delta make|apply``
+(protos/codecs/cli.py), ``compile`` (controller/compile/cli.py) and ``demo`` (controller/demo.py).
+The server URL comes from ``--server``, else ``$EDGEFLEET_SERVER``, else http://127.0.0.1:8080.
+Errors print one ``error: ...`` line and exit non-zero; no tracebacks for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from controller.cli_client import ServerError
+from protos.errors import EdgefleetError
+
+DEFAULT_DATA_DIR = Path(".edgefleet")
+
+
+def _server(args: argparse.Namespace) -> str:
+    from controller.cli_client import DEFAULT_SERVER
+
+    return str(args.server or os.environ.get("EDGEFLEET_SERVER") or DEFAULT_SERVER)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from controller.embedded import EmbeddedOptions, run_embedded
+
+    opts = EmbeddedOptions(data_dir=Path(args.data_dir), api_host=args.host, api_port=args.port,
+                           mqtt_host=args.mqtt_host, mqtt_port=args.mqtt_port,
+                           broker_url=args.broker_url, broker=args.broker)
+    return run_embedded(opts)
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from controller.cli_client import apply
+
+    apply(_server(args), Path(args.filename))
+    return 0
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    from controller.cli_client import get
+
+    get(_server(args), args.what, output=args.output or "", name=args.name or "")
+    return 0
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    from controller.cli_client import delete
+
+    if args.filename:
+        from controller.cli_client import load_and_validate
+
+        for ld in load_and_validate(Path(args.filename)):
+            ns = (ld.doc.get("metadata") or {}).get("namespace", "default")
+            delete(_server(args), ld.kind, ld.name,
+                   namespace="" if ld.kind == "DeviceClass" else ns)
+        return 0
+    if not args.kind or not args.name:
+        print("error: give KIND NAME or -f FILE", file=sys.stderr)
+        return 2
+    delete(_server(args), args.kind, args.name, namespace=args.namespace)
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from controller.cli_client import client, push
+
+    with client(_server(args)) as c:
+        info = push(c, Path(args.file), kind=args.kind)
+    print(info["sha256"])
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from controller.ota.keys import KeyStore
+
+    keys_dir = Path(args.keys_dir) if args.keys_dir else Path(args.data_dir) / "keys"
+    if args.action == "init":
+        ks = KeyStore.init(keys_dir, force=args.force)
+        print(f"keys created in {keys_dir}")
+    elif args.action == "rotate":
+        ks = KeyStore(keys_dir)
+        print(f"new signing key {ks.rotate()}")
+    elif args.action == "revoke":
+        if not args.key_id:
+            print("error: keys revoke needs a KEY_ID", file=sys.stderr)
+            return 2
+        ks = KeyStore(keys_dir)
+        new_id = ks.revoke(args.key_id)
+        print(f"revoked {args.key_id}" + (f"; new signing key {new_id}" if new_id else ""))
+    else:
+        ks = KeyStore(keys_dir)
+    print(json.dumps(ks.describe(), indent=2))
+    return 0
+
+
+def _cmd_delta(args: argparse.Namespace) -> int:
+    from protos.codecs import cli as codecs_cli
+
+    if args.action == "make":
+        info: Any = codecs_cli.delta_make(Path(args.old), Path(args.new), Path(args.out))
+    else:
+        if not args.expected_sha256:
+            print("error: delta apply needs --expected-sha256", file=sys.stderr)
+            return 2
+        info = codecs_cli.delta_apply(Path(args.old), Path(args.new), Path(args.out),
+                                      expected_sha256=args.expected_sha256)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from controller.compile.cli import run_compile_command
+
+    return int(run_compile_command(list(args.rest)))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from controller.demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(data_dir=Path(args.data_dir), api_port=args.port,
+                                exit_when_ready=args.exit_when_ready, timeout_s=args.timeout,
+                                agents=args.agents))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgefleet", description=__doc__.split("\n")[0])
+    p.add_argument("--server", help="controller URL (default $EDGEFLEET_SERVER or "
+                                    "http://127.0.0.1:8080)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run controller + MQTT broker + dashboard on this machine")
+    up.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    up.add_argument("--host", default="127.0.0.1", help="API/dashboard listen address")
+    up.add_argument("--port", type=int, default=8080, help="API/dashboard port")
+    up.add_argument("--mqtt-host", default="127.0.0.1")
+    up.add_argument("--mqtt-port", type=int, default=1883, help="0 = a free port")
+    up.add_argument("--broker-url", default="", help="use this broker, start none")
+    up.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto")
+    up.set_defaults(func=_cmd_up)
+
+    ap = sub.add_parser("apply", help="create or update resources from YAML")
+    ap.add_argument("-f", "--filename", required=True, help="file or folder of YAML")
+    ap.set_defaults(func=_cmd_apply)
+
+    g = sub.add_parser("get", help="list devices, models, rollouts or events")
+    g.add_argument("what", help="devices | models | rollouts | events")
+    g.add_argument("name", nargs="?", help="one object (device id, or [namespace/]name)")
+    g.add_argument("-o", "--output", choices=["json", "wide"])
+    g.set_defaults(func=_cmd_get)
+
+    d = sub.add_parser("delete", help="delete a resource")
+    d.add_argument("kind", nargs="?", help="edgemodel | edgerollout | deviceclass")
+    d.add_argument("name", nargs="?")
+    d.add_argument("-n", "--namespace", default="default")
+    d.add_argument("-f", "--filename", help="delete the objects named in this YAML")
+    d.set_defaults(func=_cmd_delete)
+
+    pu = sub.add_parser("push", help="upload a file to the artifact store; prints its sha256")
+    pu.add_argument("file")
+    pu.add_argument("--kind", default="model", choices=["model", "samples"])
+    pu.set_defaults(func=_cmd_push)
+
+    k = sub.add_parser("keys", help="signing keys: init | rotate | revoke KEY_ID | show")
+    k.add_argument("action", choices=["init", "rotate", "revoke", "show"])
+    k.add_argument("key_id", nargs="?")
+    k.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    k.add_argument("--keys-dir", default="", help="default DATA_DIR/keys")
+    k.add_argument("--force", action="store_true", help="init: replace existing keys")
+    k.set_defaults(func=_cmd_keys)
+
+    de = sub.add_parser("delta", help="make or apply an OTA delta")
+    de.add_argument("action", choices=["make", "apply"])
+    de.add_argument("old", help="base file")
+    de.add_argument("new", help="make: target file; apply: the delta")
+    de.add_argument("out")
+    de.add_argument("--expected-sha256", default="")
+    de.set_defaults(func=_cmd_delta)
+
+    c = sub.add_parser("compile", help="compile a model for a device class (see compile --help)",
+                       add_help=False)
+    c.add_argument("rest", nargs=argparse.REMAINDER)
+    c.set_defaults(func=_cmd_compile)
+
+    dm = sub.add_parser("demo", help="controller + broker + dashboard + 3 real agents")
+    dm.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR / "demo"))
+    dm.add_argument("--port", type=int, default=8080, help="dashboard port (0 = free port)")
+    dm.add_argument("--agents", type=int, default=3)
+    dm.add_argument("--exit-when-ready", action="store_true",
+                    help="exit 0 once all agents serve (non-zero after --timeout)")
+    dm.add_argument("--timeout", type=float, default=300.0, help="seconds to reach all serving")
+    dm.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command not in ("up", "demo"):
+        logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        return int(args.func(args))
+    except EdgefleetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as e:
+        print(f"error: cannot reach the controller at {_server(args)}: {e}", file=sys.stderr)
+        return 1
+    except ServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
