@@ -1,0 +1,204 @@
+"""Engine backend interface of the agent: one backend per engine kind.
+
+A backend turns an engine file (ONNX model, TensorRT plan, RKNN model) into a
+:class:`LoadedEngine` that runs inference on numpy arrays. The hot loader
+(:mod:`agent.runtime.registry`) calls :meth:`EngineBackend.check_fingerprint` and
+:meth:`EngineBackend.load`; the local inference API (:mod:`agent.serve`) calls
+:meth:`LoadedEngine.infer` through a registry lease. ``available_backends`` and
+``backend_for`` are used by the registry and by the heartbeat (device facts).
+
+Rule of the house: the public ``load`` checks its inputs and wraps vendor errors into
+:mod:`protos.errors` types; each backend implements the private ``_load`` hook only.
+Backend modules never import each other: ``backend_for`` imports them by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import platform
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from protos.edgefleet.v1.common_pb2 import (
+    EngineFingerprint,
+    ModelSignature,
+    RuntimeInfo,
+    TensorSpec,
+)
+from protos.errors import BackendUnavailable, EdgefleetError, GiveUp, Rejected
+
+log = logging.getLogger(__name__)
+
+#: engine kind -> "module:Class" of its backend. Imported lazily so a missing SDK only
+#: disables its own backend.
+BACKEND_CLASSES: dict[str, str] = {
+    "onnxruntime-cpu": "agent.runtime.onnxruntime:OnnxRuntimeCpuBackend",
+    "onnxruntime-cuda": "agent.runtime.onnxruntime:OnnxRuntimeCudaBackend",
+    "tensorrt": "agent.runtime.tensorrt:TensorRTBackend",
+    "rknn": "agent.runtime.rknnlite:RknnLiteBackend",
+}
+
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
+
+
+def host_arch() -> str:
+    """Normalised machine architecture: ``x86_64`` or ``aarch64`` (or what the OS says)."""
+    machine = platform.machine().lower()
+    return _ARCH_ALIASES.get(machine, machine)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"10.3.0.26"`` -> ``(10, 3, 0, 26)``; non-numeric tails are ignored (``1.17.0rc1``)."""
+    parts: list[int] = []
+    for piece in version.strip().split("."):
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+class LoadedEngine(ABC):
+    """An engine ready to run. ``infer`` may be called from several threads at once
+    (backends serialise internally where their SDK is not thread-safe)."""
+
+    signature: ModelSignature
+
+    @abstractmethod
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one inference; returns every output of the signature by name."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the engine's memory. Idempotent."""
+
+
+class EngineBackend(ABC):
+    """One engine kind on this machine. Created only where its SDK imports; the
+    constructor raises :class:`BackendUnavailable` otherwise."""
+
+    kind: ClassVar[str]
+    #: fingerprint ``toolchain`` names this backend accepts ("" is always accepted)
+    toolchains: ClassVar[tuple[str, ...]] = ()
+    #: other engine kinds this backend can also run (e.g. a CPU ONNX file on the CUDA EP)
+    also_runs: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def runtime_info(self) -> RuntimeInfo:
+        """Engine kind, runtime version and accelerator of this backend on this machine."""
+
+    def check_fingerprint(self, fp: EngineFingerprint) -> None:
+        """Raise :class:`Rejected` (with a ``reason`` code) when an engine built for ``fp``
+        cannot run here: wrong engine kind, architecture, toolchain, toolchain version or
+        accelerator. Backends extend this with their own rules (``_check_fingerprint``)."""
+        info = self.runtime_info()
+        if fp.engine_kind not in (self.kind, *self.also_runs):
+            raise Rejected(f"engine kind {fp.engine_kind!r} cannot run on the {self.kind} backend",
+                           reason="wrong_engine_kind")
+        if fp.arch and fp.arch != host_arch():
+            raise Rejected(f"engine built for {fp.arch}, this machine is {host_arch()}",
+                           reason="wrong_arch")
+        if fp.toolchain and self.toolchains and fp.toolchain not in self.toolchains:
+            raise Rejected(f"toolchain {fp.toolchain!r} is not one of {list(self.toolchains)}",
+                           reason="wrong_toolchain")
+        if fp.min_runtime_version and version_tuple(info.version) < version_tuple(
+                fp.min_runtime_version):
+            raise Rejected(f"engine needs {self.kind} >= {fp.min_runtime_version}, "
+                           f"this runtime is {info.version}", reason="runtime_too_old")
+        self._check_fingerprint(fp, info)
+
+    def _check_fingerprint(self, fp: EngineFingerprint, info: RuntimeInfo) -> None:
+        """Backend-specific fingerprint rules (toolchain version, accelerator). Default: none."""
+        return None
+
+    def load(self, path: Path, *, signature: ModelSignature | None = None) -> LoadedEngine:
+        """Load the engine file at ``path``. ``signature`` (when given) must match what the
+        engine declares: same input and output names. Raises :class:`Rejected` for a file
+        that is missing, empty or does not load (corrupt, wrong format), :class:`GiveUp`
+        when the machine cannot (out of memory)."""
+        path = Path(path)
+        if not path.is_file():
+            raise Rejected(f"engine file {path} does not exist", reason="engine_missing")
+        if path.stat().st_size == 0:
+            raise Rejected(f"engine file {path} is empty", reason="engine_empty")
+        try:
+            engine = self._load(path, signature=signature)
+        except EdgefleetError:
+            raise
+        except MemoryError as e:
+            raise GiveUp(f"out of memory loading {path.name} on {self.kind}",
+                         reason="out_of_memory") from e
+        except Exception as e:  # vendor SDKs raise their own exception types
+            raise Rejected(f"{self.kind} could not load {path.name}: {e}",
+                           reason="engine_load_failed") from e
+        if signature is not None and signature.inputs:
+            try:
+                check_signature_names(expected=signature, actual=engine.signature)
+            except Rejected:
+                engine.close()
+                raise
+        return engine
+
+    @abstractmethod
+    def _load(self, path: Path, *, signature: ModelSignature | None) -> LoadedEngine:
+        """Backend hook: load ``path`` (exists, non-empty) and return a LoadedEngine."""
+
+
+def check_signature_names(*, expected: ModelSignature, actual: ModelSignature) -> None:
+    """Raise :class:`Rejected` unless input and output names match (order-insensitive)."""
+    exp_in = sorted(t.name for t in expected.inputs)
+    act_in = sorted(t.name for t in actual.inputs)
+    if exp_in != act_in:
+        raise Rejected(f"engine inputs {act_in} do not match the manifest signature {exp_in}",
+                       reason="signature_mismatch")
+    exp_out = sorted(t.name for t in expected.outputs)
+    act_out = sorted(t.name for t in actual.outputs)
+    if exp_out and exp_out != act_out:
+        raise Rejected(f"engine outputs {act_out} do not match the manifest signature {exp_out}",
+                       reason="signature_mismatch")
+
+
+def tensor_spec(name: str, dtype: str | np.dtype, shape: list[int] | tuple[int, ...]) -> TensorSpec:
+    """Build a TensorSpec; ``None``/symbolic dimensions become -1."""
+    dims = [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
+    return TensorSpec(name=name, dtype=np.dtype(dtype).name, shape=dims)
+
+
+_BACKEND_CACHE: dict[str, EngineBackend] = {}
+
+
+def backend_for(kind: str) -> EngineBackend:
+    """The backend for engine kind ``kind`` (cached). Raises :class:`BackendUnavailable`
+    when the kind is unknown or its SDK/hardware is not on this machine."""
+    if kind in _BACKEND_CACHE:
+        return _BACKEND_CACHE[kind]
+    target = BACKEND_CLASSES.get(kind)
+    if target is None:
+        raise BackendUnavailable(kind, f"unknown engine kind (known: {sorted(BACKEND_CLASSES)})")
+    module_name, class_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise BackendUnavailable(kind, f"cannot import {module_name}: {e}") from e
+    backend = getattr(module, class_name)()  # raises BackendUnavailable when the SDK is missing
+    _BACKEND_CACHE[kind] = backend
+    return backend
+
+
+def available_backends() -> list[EngineBackend]:
+    """Every backend whose SDK (and hardware) is usable here, for device facts."""
+    found: list[EngineBackend] = []
+    for kind in BACKEND_CLASSES:
+        try:
+            found.append(backend_for(kind))
+        except BackendUnavailable as e:
+            log.debug("backend %s unavailable: %s", kind, e)
+    return found

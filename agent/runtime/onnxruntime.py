@@ -1,0 +1,150 @@
+"""onnxruntime engine backends: CPU (``onnxruntime-cpu``) and the CUDA execution provider
+(``onnxruntime-cuda``, only where the installed onnxruntime has it).
+
+Created by :func:`agent.runtime.base.backend_for`; used by the hot loader
+(:mod:`agent.runtime.registry`). Session options: intra-op threads are configurable via
+``set_default_threads`` (the agent config ``runtime.intra_op_threads``, 0 = onnxruntime's
+choice) or the constructor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from agent.runtime.base import EngineBackend, LoadedEngine, tensor_spec, version_tuple
+from protos.edgefleet.v1.common_pb2 import EngineFingerprint, ModelSignature, RuntimeInfo
+from protos.errors import BackendUnavailable, Rejected
+
+try:  # guarded: the agent extra installs onnxruntime, but a board may run another backend only
+    import onnxruntime as ort
+except ImportError as _e:  # pragma: no cover - onnxruntime is installed in CI
+    ort = None
+    _IMPORT_ERROR: ImportError | None = _e
+else:
+    _IMPORT_ERROR = None
+
+log = logging.getLogger(__name__)
+
+#: onnxruntime tensor type -> numpy dtype name
+ORT_TYPES: dict[str, str] = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16",
+    "tensor(uint16)": "uint16", "tensor(int32)": "int32", "tensor(uint32)": "uint32",
+    "tensor(int64)": "int64", "tensor(uint64)": "uint64", "tensor(bool)": "bool",
+}
+
+_DEFAULT_THREADS = {"intra_op": int(os.environ.get("EDGEFLEET_INTRA_OP_THREADS", "0"))}
+
+
+def set_default_threads(intra_op_threads: int) -> None:
+    """Set intra-op threads for sessions created afterwards (0 = onnxruntime decides)."""
+    if intra_op_threads < 0:
+        raise ValueError("intra_op_threads must be >= 0")
+    _DEFAULT_THREADS["intra_op"] = intra_op_threads
+
+
+class OnnxRuntimeEngine(LoadedEngine):
+    """One onnxruntime InferenceSession. ``InferenceSession.run`` is thread-safe."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self._lock = threading.Lock()
+        self._closed = False
+        for node in session.get_inputs() + session.get_outputs():
+            if node.type not in ORT_TYPES:
+                raise Rejected(f"tensor {node.name} has unsupported type {node.type}",
+                               reason="unsupported_dtype")
+        inputs = [tensor_spec(i.name, ORT_TYPES[i.type], list(i.shape))
+                  for i in session.get_inputs()]
+        outputs = [tensor_spec(o.name, ORT_TYPES[o.type], list(o.shape))
+                   for o in session.get_outputs()]
+        self.signature = ModelSignature(inputs=inputs, outputs=outputs)
+        self._output_names = [o.name for o in outputs]
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._session
+        if session is None:
+            raise RuntimeError("engine is closed")
+        results = session.run(self._output_names, inputs)
+        return dict(zip(self._output_names, results, strict=True))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._session = None  # onnxruntime frees the session when the last ref goes
+
+
+class _OrtBackend(EngineBackend):
+    providers: ClassVar[list[str]] = ["CPUExecutionProvider"]
+    toolchains = ("onnxruntime", "onnx")
+
+    def __init__(self, *, intra_op_threads: int | None = None) -> None:
+        if ort is None:
+            raise BackendUnavailable(self.kind, f"onnxruntime is not installed ({_IMPORT_ERROR})")
+        missing = [p for p in self.providers if p not in ort.get_available_providers()]
+        if missing:
+            raise BackendUnavailable(self.kind, f"execution providers {missing} are not in "
+                                                f"this onnxruntime build")
+        self._intra_op_threads = intra_op_threads
+
+    def runtime_info(self) -> RuntimeInfo:
+        return RuntimeInfo(engine_kind=self.kind, version=ort.__version__,
+                           accelerator=self._accelerator())
+
+    def _accelerator(self) -> str:
+        return ""
+
+    def _check_fingerprint(self, fp: EngineFingerprint, info: RuntimeInfo) -> None:
+        # An ONNX file built by a newer onnxruntime tool may use opsets this runtime lacks:
+        # refuse when the engine's major.minor is newer than ours.
+        if fp.toolchain_version and fp.toolchain in ("onnxruntime", ""):
+            built = version_tuple(fp.toolchain_version)[:2]
+            if built > version_tuple(info.version)[:2]:
+                raise Rejected(f"engine built with onnxruntime {fp.toolchain_version}, newer than "
+                               f"this runtime {info.version}", reason="toolchain_version")
+        if fp.accelerator and fp.accelerator != info.accelerator and fp.accelerator != "cpu":
+            raise Rejected(f"engine needs accelerator {fp.accelerator!r}, this backend has "
+                           f"{info.accelerator or 'cpu'}", reason="wrong_accelerator")
+
+    def _session_options(self) -> Any:
+        opts = ort.SessionOptions()
+        threads = self._intra_op_threads
+        if threads is None:
+            threads = _DEFAULT_THREADS["intra_op"]
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        return opts
+
+    def _load(self, path: Path, *, signature: ModelSignature | None) -> LoadedEngine:
+        session = ort.InferenceSession(str(path), sess_options=self._session_options(),
+                                       providers=self.providers)
+        return OnnxRuntimeEngine(session)
+
+
+class OnnxRuntimeCpuBackend(_OrtBackend):
+    """onnxruntime with the CPU execution provider (every board)."""
+
+    kind = "onnxruntime-cpu"
+
+
+class OnnxRuntimeCudaBackend(_OrtBackend):
+    """onnxruntime with the CUDA execution provider (onnxruntime-gpu builds, Jetson wheels).
+    Also runs ``onnxruntime-cpu`` engines (the same ONNX file)."""
+
+    kind = "onnxruntime-cuda"
+    also_runs = ("onnxruntime-cpu",)
+    providers: ClassVar[list[str]] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def _accelerator(self) -> str:
+        return "cuda"

@@ -1,0 +1,393 @@
+"""The hot loader: which engine serves which model, and atomic swaps between them.
+
+Called by the update pipeline (``agent.update``, from its own thread) through
+:meth:`ModelRegistry.activate`, by the inference server (:mod:`agent.serve`) through
+:meth:`ModelRegistry.get`, by the thermal policy (``set_max_concurrency``,
+``set_preferred_variant``) and by the heartbeat (``served``).
+
+``activate`` loads the new engine beside the old one, warms it up on synthetic inputs,
+smoke-checks the outputs against the signature, and only then swaps the pointer under a
+lock. Requests already holding a lease finish on the old engine; the last lease to end
+closes it. Any failure raises (``Rejected``/``GiveUp``) and leaves the old engine serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.runtime.base import EngineBackend, LoadedEngine, backend_for
+from agent.telemetry.metrics import ServingStats
+from protos.edgefleet.v1.common_pb2 import EngineFingerprint, ModelSignature
+from protos.edgefleet.v1.device_pb2 import ServedModel
+from protos.errors import EdgefleetError, Rejected, RetryLater
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(Rejected):
+    """No engine is loaded for this model name (and version)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="model_not_found")
+
+
+@dataclass(frozen=True)
+class ServedModelInfo:
+    """What the registry holds for one (model, variant); ``active`` = serving requests now."""
+
+    name: str
+    version: int
+    sha256: str
+    engine_kind: str
+    precision: str
+    variant: str
+    active: bool
+
+    def to_proto(self, *, slot: str = "") -> ServedModel:
+        return ServedModel(name=self.name, version=self.version, sha256=self.sha256, slot=slot,
+                           engine_kind=self.engine_kind, precision=self.precision,
+                           active=self.active, variant=self.variant)
+
+
+class _Entry:
+    """One loaded engine plus its in-flight count."""
+
+    __slots__ = ("closed", "engine", "engine_kind", "inflight", "name", "precision", "retired",
+                 "sha256", "variant", "version")
+
+    def __init__(self, *, name: str, version: int, variant: str, sha256: str, engine_kind: str,
+                 precision: str, engine: LoadedEngine) -> None:
+        self.name, self.version, self.variant = name, version, variant
+        self.sha256, self.engine_kind, self.precision = sha256, engine_kind, precision
+        self.engine = engine
+        self.inflight = 0
+        self.retired = False
+        self.closed = threading.Event()
+
+
+class _Limiter:
+    """Adjustable concurrency limit (0 = unlimited) with a count of waiting callers."""
+
+    def __init__(self, limit: int) -> None:
+        self._cond = threading.Condition()
+        self.limit = limit
+        self.active = 0
+        self.waiting = 0
+
+    def acquire(self, timeout_s: float) -> bool:
+        with self._cond:
+            if self.limit <= 0 or self.active < self.limit:
+                self.active += 1
+                return True
+            self.waiting += 1
+            try:
+                ok = self._cond.wait_for(lambda: self.limit <= 0 or self.active < self.limit,
+                                         timeout=timeout_s)
+                if ok:
+                    self.active += 1
+                return ok
+            finally:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        with self._cond:
+            self.active -= 1
+            self._cond.notify()
+
+    def set_limit(self, limit: int) -> None:
+        with self._cond:
+            self.limit = limit
+            self._cond.notify_all()
+
+
+class EngineLease:
+    """Context manager returned by :meth:`ModelRegistry.get`; yields the LoadedEngine and
+    keeps it alive (not closed) until the ``with`` block ends."""
+
+    __slots__ = ("_entry", "_limiter", "_registry")
+
+    def __init__(self, registry: ModelRegistry, entry: _Entry, limiter: _Limiter | None) -> None:
+        self._registry, self._entry, self._limiter = registry, entry, limiter
+
+    @property
+    def name(self) -> str:
+        return self._entry.name
+
+    @property
+    def version(self) -> int:
+        return self._entry.version
+
+    @property
+    def variant(self) -> str:
+        return self._entry.variant
+
+    def __enter__(self) -> LoadedEngine:
+        return self._entry.engine
+
+    def __exit__(self, *exc: object) -> None:
+        self._registry._release(self._entry, self._limiter)
+
+
+class ModelRegistry:
+    """Engines being served, keyed by (model name, variant). Thread-safe."""
+
+    def __init__(self, *, backends: Mapping[str, EngineBackend] | None = None,
+                 warmup_runs: int = 3, max_concurrency: int = 0, queue_timeout_s: float = 5.0,
+                 verify_sha256: bool = True, stats: ServingStats | None = None) -> None:
+        self._backends = dict(backends or {})
+        self._warmup_runs = max(1, warmup_runs)
+        self._queue_timeout_s = queue_timeout_s
+        self._verify_sha256 = verify_sha256
+        self._max_concurrency = max_concurrency
+        self._lock = threading.Lock()
+        self._activate_lock = threading.Lock()
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._limiters: dict[str, _Limiter] = {}
+        self._preferred_variant = ""
+        self.stats = stats or ServingStats()
+
+    # ---- serving path -------------------------------------------------------------------
+    def get(self, name: str, version: int | None = None) -> EngineLease:
+        """Lease the engine serving ``name`` (``version`` must match when given). Waits up
+        to ``queue_timeout_s`` for a concurrency slot; raises :class:`ModelNotFound` or
+        :class:`RetryLater` (queue timeout)."""
+        limiter = self._limiters.get(name)
+        if limiter is not None and not limiter.acquire(self._queue_timeout_s):
+            raise RetryLater(f"model {name} is busy (concurrency limit {limiter.limit})",
+                             reason="queue_timeout")
+        try:
+            with self._lock:
+                entry = self._pick(name, version)
+                entry.inflight += 1
+        except BaseException:
+            if limiter is not None:
+                limiter.release()
+            raise
+        return EngineLease(self, entry, limiter)
+
+    def _pick(self, name: str, version: int | None) -> _Entry:
+        main = self._entries.get((name, ""))
+        chosen = main
+        if self._preferred_variant:
+            chosen = self._entries.get((name, self._preferred_variant)) or main
+        if chosen is None:  # only variants installed
+            chosen = next((e for (n, _v), e in self._entries.items() if n == name), None)
+        if chosen is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        if version is not None and chosen.version != version:
+            other = next((e for (n, _v), e in self._entries.items()
+                          if n == name and e.version == version), None)
+            if other is None:
+                raise ModelNotFound(f"model {name!r} version {version} is not loaded "
+                                    f"(serving version {chosen.version})")
+            chosen = other
+        return chosen
+
+    def _release(self, entry: _Entry, limiter: _Limiter | None) -> None:
+        with self._lock:
+            entry.inflight -= 1
+            close_now = entry.retired and entry.inflight == 0 and not entry.closed.is_set()
+            if close_now:
+                entry.closed.set()
+        if limiter is not None:
+            limiter.release()
+        if close_now:
+            self._close(entry)
+
+    # ---- update path --------------------------------------------------------------------
+    def activate(self, *, name: str, version: int, path: Path, sha256: str,
+                 fingerprint: EngineFingerprint, signature: ModelSignature | None,
+                 variant: str = "") -> None:
+        """Load ``path`` beside the engine now serving ``name``/``variant``, warm it up,
+        smoke-check it and swap atomically. Raises Rejected / GiveUp / BackendUnavailable
+        and leaves the old engine serving when anything fails. Called from the update
+        thread, never from a serving thread."""
+        started = time.monotonic()
+        with self._activate_lock:
+            backend = self._backend(fingerprint.engine_kind)
+            backend.check_fingerprint(fingerprint)
+            if self._verify_sha256:
+                _check_sha256(Path(path), sha256)
+            engine = backend.load(Path(path), signature=signature)
+            try:
+                smoke_check(engine, expected=signature if signature and signature.outputs
+                            else engine.signature, runs=self._warmup_runs)
+            except BaseException:
+                engine.close()
+                raise
+            entry = _Entry(name=name, version=version, variant=variant, sha256=sha256,
+                           engine_kind=fingerprint.engine_kind,
+                           precision=fingerprint.precision or "fp32", engine=engine)
+            with self._lock:
+                old = self._entries.get((name, variant))
+                self._entries[(name, variant)] = entry
+                if name not in self._limiters:
+                    self._limiters[name] = _Limiter(self._max_concurrency)
+                close_old = self._retire(old)
+            if close_old is not None:
+                self._close(close_old)
+        log.info("activated model=%s version=%d variant=%r kind=%s in %.1f ms (previous: %s)",
+                 name, version, variant, fingerprint.engine_kind,
+                 (time.monotonic() - started) * 1000, old.version if old else "none")
+
+    def _retire(self, old: _Entry | None) -> _Entry | None:
+        """Mark ``old`` retired (caller holds the lock); returns it when it must close now."""
+        if old is None:
+            return None
+        old.retired = True
+        if old.inflight == 0 and not old.closed.is_set():
+            old.closed.set()
+            return old
+        return None
+
+    def unload(self, name: str, *, variant: str | None = None) -> None:
+        """Stop serving ``name`` (all variants unless ``variant`` given); engines close when
+        their in-flight requests end."""
+        to_close: list[_Entry] = []
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == name
+                        and (variant is None or k[1] == variant)]:
+                entry = self._retire(self._entries.pop(key))
+                if entry is not None:
+                    to_close.append(entry)
+        for entry in to_close:
+            self._close(entry)
+
+    def _close(self, entry: _Entry) -> None:
+        try:
+            entry.engine.close()
+        except Exception:  # a failing close must not break serving
+            log.exception("closing engine %s v%d failed", entry.name, entry.version)
+
+    def _backend(self, kind: str) -> EngineBackend:
+        if kind not in self._backends:
+            self._backends[kind] = backend_for(kind)
+        return self._backends[kind]
+
+    # ---- policy + reporting -------------------------------------------------------------
+    def set_max_concurrency(self, limit: int) -> None:
+        """Concurrent inferences per model (0 = unlimited); used by the thermal policy."""
+        with self._lock:
+            self._max_concurrency = limit
+            limiters = list(self._limiters.values())
+        for limiter in limiters:
+            limiter.set_limit(limit)
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._max_concurrency
+
+    def set_preferred_variant(self, variant: str) -> None:
+        """Serve ``variant`` (e.g. "light") where installed; "" = the main model."""
+        with self._lock:
+            self._preferred_variant = variant
+
+    @property
+    def preferred_variant(self) -> str:
+        return self._preferred_variant
+
+    def has_variant(self, variant: str) -> bool:
+        with self._lock:
+            return any(v == variant for (_n, v) in self._entries)
+
+    def queue_depth(self, name: str) -> int:
+        limiter = self._limiters.get(name)
+        return limiter.waiting if limiter is not None else 0
+
+    def describe(self, name: str, version: int | None = None
+                 ) -> tuple[ServedModelInfo, ModelSignature]:
+        """Info and signature of the engine ``get`` would pick (no lease, no queueing)."""
+        with self._lock:
+            e = self._pick(name, version)
+            return (ServedModelInfo(name=e.name, version=e.version, sha256=e.sha256,
+                                    engine_kind=e.engine_kind, precision=e.precision,
+                                    variant=e.variant, active=True), e.engine.signature)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted({n for (n, _v) in self._entries})
+
+    def served(self) -> list[ServedModelInfo]:
+        with self._lock:
+            out = []
+            for (name, _variant), e in sorted(self._entries.items()):
+                try:
+                    active = self._pick(name, None) is e
+                except ModelNotFound:  # pragma: no cover - entry exists
+                    active = False
+                out.append(ServedModelInfo(name=e.name, version=e.version, sha256=e.sha256,
+                                           engine_kind=e.engine_kind, precision=e.precision,
+                                           variant=e.variant, active=active))
+            return out
+
+    def close(self) -> None:
+        """Unload everything (agent shutdown)."""
+        for name in self.names():
+            self.unload(name)
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    if not expected:
+        return
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise Rejected(f"cannot read engine file {path}: {e}", reason="engine_missing") from e
+    if digest.hexdigest() != expected.lower():
+        raise Rejected(f"engine file {path.name} has sha256 {digest.hexdigest()}, manifest says "
+                       f"{expected}", reason="sha256_mismatch")
+
+
+def synthetic_inputs(signature: ModelSignature, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs matching ``signature``: dynamic dims -> 1, floats ~ N(0, 1), ints/bool zeros."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for spec in signature.inputs:
+        shape = tuple(d if d >= 0 else 1 for d in spec.shape)
+        dtype = np.dtype(spec.dtype or "float32")
+        if dtype.kind == "f":
+            out[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            out[spec.name] = np.zeros(shape, dtype=dtype)
+    return out
+
+
+def smoke_check(engine: LoadedEngine, *, expected: ModelSignature, runs: int = 3) -> None:
+    """Warm ``engine`` up with ``runs`` inferences and check names, dtypes, ranks/static dims
+    and finiteness of the outputs. Raises :class:`Rejected` (reason ``smoke_check_failed``)."""
+    for i in range(runs):
+        inputs = synthetic_inputs(engine.signature, seed=i)
+        try:
+            outputs = engine.infer(inputs)
+        except EdgefleetError:
+            raise
+        except Exception as e:
+            raise Rejected(f"warm-up inference failed: {e}", reason="smoke_check_failed") from e
+        want = {t.name: t for t in expected.outputs}
+        if set(outputs) != set(want):
+            raise Rejected(f"outputs {sorted(outputs)} != signature {sorted(want)}",
+                           reason="smoke_check_failed")
+        for name, value in outputs.items():
+            spec = want[name]
+            arr = np.asarray(value)
+            if spec.dtype and arr.dtype != np.dtype(spec.dtype):
+                raise Rejected(f"output {name} is {arr.dtype}, signature says {spec.dtype}",
+                               reason="smoke_check_failed")
+            if spec.shape and (len(spec.shape) != arr.ndim or any(
+                    d >= 0 and d != a for d, a in zip(spec.shape, arr.shape, strict=False))):
+                raise Rejected(f"output {name} has shape {list(arr.shape)}, signature says "
+                               f"{list(spec.shape)}", reason="smoke_check_failed")
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise Rejected(f"output {name} has NaN/Inf values on warm-up input",
+                               reason="smoke_check_failed")

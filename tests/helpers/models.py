@@ -1,0 +1,100 @@
+"""Tiny ONNX models built with onnx.helper for agent runtime/serving tests and benchmarks.
+
+``build_affine``: y = x @ W + marker, where every output element equals ``marker`` plus the
+matmul; with zero inputs the output is exactly ``marker``, so a response tells which version
+answered. ``build_nan``: always outputs NaN (fails the smoke check). ``build_mlp``: a dense
+model of roughly ``size_mb`` megabytes of weights (for hot-swap/RSS benchmarks).
+Also ``fingerprint()`` and ``sha256_file()`` helpers, and ``activate_file()`` to put a model
+into a registry in one call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from protos.edgefleet.v1.common_pb2 import EngineFingerprint
+
+OPSET = 17
+
+
+def _save(graph: onnx.GraphProto, out: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
+    return out
+
+
+def build_affine(out: Path, *, marker: float, n_in: int = 4, n_out: int = 3,
+                 seed: int = 0) -> Path:
+    """x [batch, n_in] float32 -> y [batch, n_out] = x @ W + marker."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((n_in, n_out)).astype(np.float32), "W")
+    b = numpy_helper.from_array(np.full((n_out,), marker, np.float32), "B")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]),
+             helper.make_node("Add", ["xw", "B"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n_out])],
+        initializer=[w, b])
+    return _save(graph, out)
+
+
+def build_nan(out: Path, *, n_in: int = 4) -> Path:
+    """x -> sqrt(-(|x| + 1)): NaN for every input."""
+    one = numpy_helper.from_array(np.ones((1,), np.float32), "one")
+    nodes = [helper.make_node("Abs", ["x"], ["a"]), helper.make_node("Add", ["a", "one"], ["b"]),
+             helper.make_node("Neg", ["b"], ["c"]), helper.make_node("Sqrt", ["c"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "nan",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n_in])],
+        initializer=[one])
+    return _save(graph, out)
+
+
+def build_mlp(out: Path, *, size_mb: float = 8.0, n_in: int = 64, marker: float = 0.0,
+              seed: int = 0) -> Path:
+    """x [batch, n_in] -> Relu(x @ W1) @ W2 + marker with ~size_mb MB of float32 weights."""
+    hidden = max(16, int(size_mb * (1 << 20) / 4 / (n_in + 16)))
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(
+        (rng.standard_normal((n_in, hidden)) / np.sqrt(n_in)).astype(np.float32), "W1")
+    w2 = numpy_helper.from_array(
+        (rng.standard_normal((hidden, 16)) / np.sqrt(hidden)).astype(np.float32), "W2")
+    b = numpy_helper.from_array(np.full((16,), marker, np.float32), "B")
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["o"]),
+             helper.make_node("Add", ["o", "B"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+        initializer=[w1, w2, b])
+    return _save(graph, out)
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fingerprint(**overrides: str) -> EngineFingerprint:
+    """An onnxruntime-cpu fingerprint valid on this machine (fields overridable)."""
+    fields = {"engine_kind": "onnxruntime-cpu", "arch": "", "toolchain": "onnxruntime",
+              "toolchain_version": "", "accelerator": "", "precision": "fp32"}
+    fields.update(overrides)
+    return EngineFingerprint(**fields)
+
+
+def activate_file(registry, path: Path, *, name: str, version: int, variant: str = "",
+                  fp: EngineFingerprint | None = None) -> None:
+    """``registry.activate`` with the file's real sha256 and a CPU fingerprint."""
+    registry.activate(name=name, version=version, path=path, sha256=sha256_file(path),
+                      fingerprint=fp or fingerprint(), signature=None, variant=variant)
