@@ -1,0 +1,164 @@
+"""The embedded, single-machine controller: `edgefleet up` (and the demo, and e2e tests).
+
+Runs in one asyncio loop: an MQTT broker (controller/broker.py), the signing keys (created on
+first start, controller/ota/keys.py), the ControllerCore (controller/core.py) and a uvicorn
+server for the API and dashboard (controller/api/app.py). Ctrl-C (SIGINT) or SIGTERM stops the
+parts in reverse order. Data lives in one folder (default ./.edgefleet): SQLite database,
+artifact store, keys, broker config and log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from controller.broker import BrokerHandle, start_broker
+
+log = logging.getLogger("edgefleet.embedded")
+
+
+@dataclass
+class EmbeddedOptions:
+    """What `edgefleet up` takes from the command line."""
+
+    data_dir: Path = field(default_factory=lambda: Path(".edgefleet"))
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080             # 0 = a free port
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883            # 0 = a free port
+    broker_url: str = ""             # use this broker; start none
+    broker: str = "auto"             # auto | mosquitto | amqtt
+    settings_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn server that leaves signal handling to the embedded runner."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        from protos.errors import GiveUp
+
+        raise GiveUp(f"cannot listen on {host}:{port} for the API/dashboard: {e} "
+                     "(use --port to pick another)", reason="port_busy") from e
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class EmbeddedController:
+    """Broker + keys + ControllerCore + API server, started and stopped together."""
+
+    def __init__(self, opts: EmbeddedOptions) -> None:
+        self.opts = opts
+        self.data_dir = Path(opts.data_dir).resolve()
+        self.broker: BrokerHandle | None = None
+        self.core: Any = None
+        self.keys: Any = None
+        self._server: _QuietServer | None = None
+        self._server_task: asyncio.Task[None] | None = None
+        self._sock: socket.socket | None = None
+        self.api_port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.opts.api_host}:{self.api_port}"
+
+    async def start(self) -> None:
+        from controller.api.app import create_app
+        from controller.core import ControllerCore
+        from controller.ota.keys import KeyStore
+        from controller.settings import Settings
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log.info("data folder %s", self.data_dir)
+        self.broker = await start_broker(
+            self.data_dir, host=self.opts.mqtt_host, port=self.opts.mqtt_port or None,
+            external_url=self.opts.broker_url or None, prefer=self.opts.broker)
+        try:
+            settings = Settings(data_dir=self.data_dir, mqtt_host=self.broker.host,
+                                mqtt_port=self.broker.port, **self.opts.settings_overrides)
+            keys_dir = settings.resolved_keys_dir
+            if not (keys_dir / "state.json").is_file():
+                log.info("no signing keys in %s: creating a root key and a signing key", keys_dir)
+            self.keys = await asyncio.to_thread(KeyStore.load_or_init, keys_dir)
+            self.core = ControllerCore(settings)
+            await self.core.start()
+            self._sock = _bind(self.opts.api_host, self.opts.api_port)
+            self.api_port = int(self._sock.getsockname()[1])
+            config = uvicorn.Config(create_app(self.core), log_level="warning", lifespan="off",
+                                    access_log=False)
+            self._server = _QuietServer(config)
+            self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+            while not self._server.started:
+                if self._server_task.done():
+                    self._server_task.result()
+                    raise RuntimeError("API server stopped during start")
+                await asyncio.sleep(0.02)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("edgefleet is up: dashboard and API at %s, MQTT broker (%s) at %s",
+                 self.url, self.broker.kind, self.broker.url)
+
+    async def stop(self) -> None:
+        """Stop the API server, the core and the broker (each step even if one fails)."""
+        if self._server is not None and self._server_task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server_task, 10)
+            self._server = self._server_task = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self.core is not None:
+            try:
+                await self.core.stop()
+            except Exception:
+                log.exception("error while stopping the controller core")
+            self.core = None
+        if self.broker is not None:
+            await self.broker.stop()
+            self.broker = None
+        log.info("edgefleet stopped")
+
+
+async def serve_until_signal(ctrl: EmbeddedController) -> None:
+    """Start ``ctrl`` and run until SIGINT/SIGTERM, then stop it cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await ctrl.start()
+    try:
+        print(f"edgefleet up: dashboard {ctrl.url}  MQTT {ctrl.broker.url if ctrl.broker else ''}"
+              "  (Ctrl-C to stop)", flush=True)
+        await stop.wait()
+        print("stopping ...", flush=True)
+    finally:
+        await ctrl.stop()
+
+
+def run_embedded(opts: EmbeddedOptions) -> int:
+    """Entry point of `edgefleet up`: returns the process exit code."""
+    asyncio.run(serve_until_signal(EmbeddedController(opts)))
+    return 0
