@@ -1,0 +1,246 @@
+"""MQTT side of OTA: retained signed offers and key list, chunks answered on request.
+
+ControllerCore owns the aiomqtt (MQTT 5) connection and calls ``attach(client)`` on every
+(re)connect; the rollout reconciler calls ``publish_offer``; the ingest hands every
+``.../update/request`` payload to ``handle_chunk_request``. Requests are validated (size,
+device id matches the topic and the offer, known update id, indices in range, at most
+``max_chunks_per_request``), queued, and answered by worker tasks with UpdateChunks
+(QoS 1) paced by one fleet-wide token bucket of ``ota_max_bytes_per_second``. Bytes sent
+are added to DeviceRollout.bytes_sent. Bad requests are dropped with a log line naming
+the device and the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from controller.fleet.db import session_scope
+from controller.fleet.models import Delta, DeviceRollout
+from controller.settings import Settings
+from controller.store import ArtifactStore
+from protos import topics
+from protos.edgefleet.v1 import update_pb2
+from protos.errors import RetryLater
+
+log = logging.getLogger(__name__)
+
+
+class TokenBucket:
+    """Fleet-wide byte budget: ``rate`` bytes per second, bursts up to ``burst`` bytes."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+        self.taken_total = 0
+        self._lock = asyncio.Lock()
+
+    async def take(self, n: int) -> None:
+        async with self._lock:           # FIFO: one waiter refills at a time
+            need = min(float(n), self.burst)
+            while True:
+                now = time.monotonic()
+                self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+                self.last = now
+                if self.tokens >= need:
+                    self.tokens -= need
+                    self.taken_total += n
+                    return
+                await asyncio.sleep((need - self.tokens) / self.rate)
+
+
+@dataclass(frozen=True)
+class OfferInfo:
+    """What is needed to answer chunk requests for one update id."""
+
+    update_id: str
+    device_id: str
+    payload_path: Path
+    payload_size: int
+    chunk_size: int
+
+    @property
+    def total(self) -> int:
+        return max(1, -(-self.payload_size // self.chunk_size))
+
+
+@dataclass
+class _Job:
+    info: OfferInfo
+    indices: list[int]
+
+
+class Publisher:
+    """Publishes offers/key lists and serves chunks over the attached MQTT client."""
+
+    def __init__(self, settings: Settings, store: ArtifactStore, engine: Engine) -> None:
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self.client: Any = None
+        self.bucket = TokenBucket(settings.ota_max_bytes_per_second,
+                                  max(settings.ota_max_bytes_per_second,
+                                      settings.chunk_size_bytes))
+        self.offers: dict[str, OfferInfo] = {}
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue(settings.chunk_queue_depth)
+        self.chunks_sent = 0
+        self.bytes_sent = 0
+        self.rejected_requests = 0
+        self._workers: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def attach(self, client: Any) -> None:
+        self.client = client
+
+    def start(self, *, workers: int = 2) -> None:
+        for i in range(workers):
+            self._workers.append(asyncio.create_task(self._worker(), name=f"ota-chunks-{i}"))
+
+    async def stop(self) -> None:
+        for t in self._workers:
+            t.cancel()
+        for t in self._workers:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._workers.clear()
+
+    # -- publishing -----------------------------------------------------------------------------
+    async def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        client = self.client
+        if client is None:
+            raise RetryLater("not connected to the MQTT broker", reason="disconnected")
+        try:
+            await client.publish(topic, payload, qos=1, retain=retain)
+        except Exception as e:
+            raise RetryLater(f"publish to {topic} failed: {e}", reason="publish_failed") from e
+
+    async def publish_key_list(self, env: update_pb2.SignedEnvelope) -> None:
+        await self._publish(topics.TRUST_KEYS, env.SerializeToString(deterministic=True),
+                            retain=True)
+
+    async def publish_offer(self, device_id: str, env: update_pb2.SignedEnvelope,
+                            info: OfferInfo) -> None:
+        """Publish a signed offer retained on the device's offer topic."""
+        self.offers[info.update_id] = info
+        await self._publish(topics.device_topic(device_id, topics.OFFER),
+                            env.SerializeToString(deterministic=True), retain=True)
+
+    async def clear_offer(self, device_id: str) -> None:
+        """Remove the retained offer (an empty retained message)."""
+        await self._publish(topics.device_topic(device_id, topics.OFFER), b"", retain=True)
+
+    # -- chunk requests -------------------------------------------------------------------------
+    def handle_chunk_request(self, device_id: str, payload: bytes) -> None:
+        """Validate a ChunkRequest and queue it; never raises."""
+        req = update_pb2.ChunkRequest()
+        try:
+            req.ParseFromString(payload)
+        except (DecodeError, ValueError, RuntimeError) as e:
+            return self._reject(device_id, f"malformed ChunkRequest: {e}")
+        if req.device_id != device_id:
+            return self._reject(device_id, f"request names device {req.device_id[:64]!r}")
+        info = self._offer(req.update_id)
+        if info is None:
+            return self._reject(device_id, f"unknown update_id {req.update_id[:64]!r}")
+        if info.device_id != device_id:
+            return self._reject(device_id, f"update {req.update_id} was offered to another "
+                                           "device")
+        if not req.indices:
+            return self._reject(device_id, "request without indices")
+        if len(req.indices) > self.settings.max_chunks_per_request:
+            return self._reject(device_id, f"{len(req.indices)} indices exceeds "
+                                           f"max_chunks_per_request="
+                                           f"{self.settings.max_chunks_per_request}")
+        bad = [i for i in req.indices if i >= info.total]
+        if bad:
+            return self._reject(device_id, f"chunk index {bad[0]} out of range "
+                                           f"(update has {info.total} chunks)")
+        indices = list(dict.fromkeys(req.indices))
+        try:
+            self.queue.put_nowait(_Job(info, indices))
+        except asyncio.QueueFull:
+            self._reject(device_id, "chunk queue full; the agent will re-request")
+
+    def _reject(self, device_id: str, reason: str) -> None:
+        self.rejected_requests += 1
+        log.warning("ignored chunk request from device %s: %s", device_id, reason)
+
+    def _offer(self, update_id: str) -> OfferInfo | None:
+        if not update_id or len(update_id) > 128:
+            return None
+        info = self.offers.get(update_id)
+        if info is not None:
+            return info
+        # after a restart: rebuild from the DeviceRollout row and the Delta cache
+        with session_scope(self.engine) as s:
+            row = s.exec(select(DeviceRollout).where(
+                DeviceRollout.update_id == update_id)).first()
+            if row is None or not row.target_sha256:
+                return None
+            payload_sha = row.target_sha256
+            if row.codec and row.codec != "full":
+                d = s.exec(select(Delta).where(Delta.base_sha256 == row.base_sha256,
+                                               Delta.target_sha256 == row.target_sha256,
+                                               Delta.codec == row.codec)).first()
+                if d is None:
+                    return None
+                payload_sha = d.payload_sha256
+        if not self.store.has(payload_sha):
+            return None
+        info = OfferInfo(update_id, row.device_id, self.store.path(payload_sha),
+                         self.store.size(payload_sha), self.settings.chunk_size_bytes)
+        self.offers[update_id] = info
+        return info
+
+    async def _worker(self) -> None:
+        while True:
+            job = await self.queue.get()
+            try:
+                await self._send(job)
+            except RetryLater as e:
+                log.warning("chunks for device %s update %s not sent: %s",
+                            job.info.device_id, job.info.update_id, e)
+            except Exception:
+                log.exception("chunk worker error for device %s", job.info.device_id)
+            finally:
+                self.queue.task_done()
+
+    async def _send(self, job: _Job) -> None:
+        info = job.info
+        topic = topics.device_topic(info.device_id, topics.CHUNK)
+        sent = 0
+        try:
+            with open(info.payload_path, "rb") as f:
+                for idx in job.indices:
+                    f.seek(idx * info.chunk_size)
+                    data = f.read(info.chunk_size)
+                    await self.bucket.take(len(data))
+                    msg = update_pb2.UpdateChunk(update_id=info.update_id, index=idx,
+                                                 total=info.total, data=data)
+                    await self._publish(topic, msg.SerializeToString(), retain=False)
+                    sent += len(data)
+                    self.chunks_sent += 1
+        finally:
+            if sent:
+                self.bytes_sent += sent
+                self._account(info.update_id, sent)
+
+    def _account(self, update_id: str, n: int) -> None:
+        with session_scope(self.engine) as s:
+            row = s.exec(select(DeviceRollout).where(
+                DeviceRollout.update_id == update_id)).first()
+            if row is not None:
+                row.bytes_sent += n
+                s.add(row)
