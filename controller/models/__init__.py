@@ -1,0 +1,1 @@
+"""Example and test models built without torch (digits CNN, quant-hostile model)."""
