@@ -153,17 +153,27 @@ class EngineBackend(ABC):
 
 
 def check_signature_names(*, expected: ModelSignature, actual: ModelSignature) -> None:
-    """Raise :class:`Rejected` unless input and output names match (order-insensitive)."""
-    exp_in = sorted(t.name for t in expected.inputs)
-    act_in = sorted(t.name for t in actual.inputs)
-    if exp_in != act_in:
-        raise Rejected(f"engine inputs {act_in} do not match the manifest signature {exp_in}",
-                       reason="signature_mismatch")
-    exp_out = sorted(t.name for t in expected.outputs)
-    act_out = sorted(t.name for t in actual.outputs)
-    if exp_out and exp_out != act_out:
-        raise Rejected(f"engine outputs {act_out} do not match the manifest signature {exp_out}",
-                       reason="signature_mismatch")
+    """Raise :class:`Rejected` unless the engine's tensors match the manifest signature:
+    same input (and, when listed, output) names; same dtypes and ranks, and equal dimensions
+    where both sides are static."""
+    for kind, exp_list, act_list in (("inputs", expected.inputs, actual.inputs),
+                                     ("outputs", expected.outputs, actual.outputs)):
+        if kind == "outputs" and not exp_list:
+            continue
+        exp = {t.name: t for t in exp_list}
+        act = {t.name: t for t in act_list}
+        if sorted(exp) != sorted(act):
+            raise Rejected(f"engine {kind} {sorted(act)} do not match the manifest signature "
+                           f"{sorted(exp)}", reason="signature_mismatch")
+        for name, e in exp.items():
+            a = act[name]
+            if e.dtype and a.dtype and e.dtype != a.dtype:
+                raise Rejected(f"engine tensor {name} is {a.dtype}, the manifest says {e.dtype}",
+                               reason="signature_mismatch")
+            if e.shape and (len(e.shape) != len(a.shape) or any(
+                    x >= 0 and y >= 0 and x != y for x, y in zip(e.shape, a.shape, strict=True))):
+                raise Rejected(f"engine tensor {name} has shape {list(a.shape)}, the manifest "
+                               f"says {list(e.shape)}", reason="signature_mismatch")
 
 
 def tensor_spec(name: str, dtype: str | np.dtype, shape: list[int] | tuple[int, ...]) -> TensorSpec:
