@@ -23,6 +23,7 @@ from controller.api.core_access import (
     call_delete,
     call_upload,
     db_session,
+    is_ready,
     max_apply_bytes,
     max_upload_bytes,
 )
@@ -133,8 +134,7 @@ def create_app(core: Any) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        ready = getattr(core, "ready", None)
-        ok = bool(ready() if callable(ready) else (True if ready is None else ready))
+        ok = is_ready(core)
         if ok:
             try:
                 with db_session(core) as s:

@@ -33,6 +33,18 @@ def _db_engine(core: Any) -> Any:
     raise GiveUp("the controller core has no database engine (not started?)", reason="no_db")
 
 
+def is_ready(core: Any) -> bool:
+    """True when the core says it is connected (MQTT) or has no such notion."""
+    for attr in ("connected", "ready"):
+        flag = getattr(core, attr, None)
+        if flag is None:
+            continue
+        if hasattr(flag, "is_set"):
+            return bool(flag.is_set())
+        return bool(flag() if callable(flag) else flag)
+    return True
+
+
 @contextmanager
 def db_session(core: Any) -> Iterator[Session]:
     """A read session on the core's database."""
@@ -80,8 +92,14 @@ def _result_view(r: Any) -> dict[str, Any]:
 
 
 async def call_apply(core: Any, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    results = await _maybe_await(core.apply(docs))
-    return [_result_view(r) for r in results or []]
+    """Apply through the core; any object it rejects turns the answer into 422 (all listed)."""
+    results = [_result_view(r) for r in await _maybe_await(core.apply(docs)) or []]
+    rejected = [r for r in results if r.get("action") == "rejected"]
+    if rejected:
+        detail = "; ".join(f"{r.get('kind', '')} {r.get('name', '')}: {r.get('message', '')}"
+                           for r in rejected)
+        raise HTTPException(422, detail=detail)
+    return results
 
 
 async def call_delete(core: Any, kind: str, *, namespace: str, name: str) -> dict[str, Any]:
@@ -115,7 +133,7 @@ async def call_upload(core: Any, stream: AsyncIterator[bytes], *, kind: str, nam
         if size == 0:
             raise HTTPException(400, "empty artifact upload")
         digest = h.hexdigest()
-        result = await _maybe_await(core.upload_artifact(tmp, kind=kind, name=name))
+        result = await _maybe_await(core.upload_artifact(tmp, kind=kind))
         info = _artifact_view(result)
         info.setdefault("sha256", digest)
         info.setdefault("size", size)
