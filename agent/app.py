@@ -1,0 +1,188 @@
+"""The agent process: wires the MQTT link, trust store, update manager, model registry,
+local inference server, heartbeats and metrics.
+
+Startup order matters: the committed engines are loaded from the slots BEFORE connecting,
+so a board serves its last good model even with no network. Created by :mod:`agent.cli`
+(``edgefleet-agent run --config FILE``) and by tests in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.mqtt import MqttLink
+from agent.telemetry.heartbeat import HeartbeatBuilder, device_facts
+from agent.trust_store import TrustStore
+from agent.update.manager import UpdateManager
+from agent.update.slots import SlotStore
+from agent.update.state import StateStore
+from protos import topics
+from protos.edgefleet.v1 import device_pb2
+
+log = logging.getLogger(__name__)
+
+MQTT_OVERHEAD_BYTES = 4096
+
+
+class Agent:
+    """One device agent. ``start()`` returns once serving (MQTT connects in the background)."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        from agent.runtime.registry import ModelRegistry
+
+        cfg.validate()
+        self.cfg = cfg
+        data = cfg.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        self.registry = ModelRegistry()
+        self.slots = SlotStore(data / "models")
+        self.trust = TrustStore(cfg.trust.root_raw(), path=cfg.key_list_file(),
+                                max_envelope_bytes=cfg.limits.max_envelope_bytes)
+        self.updates = UpdateManager(cfg, trust=self.trust, registry=self.registry,
+                                     slots=self.slots, states=StateStore(data / "update"),
+                                     publish=self._publish)
+        dev = cfg.device_id
+        handlers = {  # trust keys first: retained messages arrive in subscription order
+            topics.TRUST_KEYS: lambda b: self.updates.submit("keys", b),
+            topics.device_topic(dev, topics.OFFER): lambda b: self.updates.submit("offer", b),
+            topics.device_topic(dev, topics.CHUNK): lambda b: self.updates.submit("chunk", b),
+            topics.device_topic(dev, topics.DESIRED): self._on_desired,
+        }
+        max_payload = max(cfg.limits.max_envelope_bytes,
+                          cfg.limits.max_chunk_bytes) + MQTT_OVERHEAD_BYTES
+        self.link = MqttLink(cfg.mqtt, device_id=dev, handlers=handlers,
+                             max_payload_bytes=max_payload, on_connected=self._on_connected)
+        self.server: Any = None
+        self.heartbeats: HeartbeatBuilder | None = None
+        self._metrics_tick: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.desired_generation = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        loaded = self.updates.load_committed()
+        log.info("device %s: serving %d committed model(s) before connecting: %s",
+                 self.cfg.device_id, len(loaded),
+                 ", ".join(f"{i.key} v{i.version}" for i in loaded) or "none")
+        serve_url = ""
+        if self.cfg.serve.enabled:
+            from agent.serve import start_server
+
+            self.server = start_server(self.registry, host=self.cfg.serve.host,
+                                       port=self.cfg.serve.port)
+            serve_url = self.server.url
+            log.info("device %s: inference API on %s", self.cfg.device_id, serve_url)
+        self.heartbeats = HeartbeatBuilder(
+            device_id=self.cfg.device_id, device_class=self.cfg.device_class,
+            facts=device_facts(), served=self._served, progress=self.updates.progress,
+            serve_url=serve_url)
+        self._metrics_tick = self._make_metrics_tick()
+        self.updates.start()
+        self.link.start()
+        self._thread = threading.Thread(target=self._loop, name="agent-telemetry", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+        self.link.stop(reason="shutdown")
+        self.updates.stop()
+        if self.server is not None:
+            self.server.stop()
+        self.registry.close()
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` (the CLI's main thread)."""
+        while not self._stop.wait(1.0):
+            pass
+
+    # ---- MQTT -----------------------------------------------------------------------------
+    def _publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> bool:
+        return self.link.publish(topic, payload, qos=qos, retain=retain)
+
+    def _on_connected(self) -> None:
+        self.updates.submit("connected", b"")
+        self.send_heartbeat()
+
+    def _on_desired(self, data: bytes) -> None:
+        from protos import envelope
+        from protos.edgefleet.v1 import update_pb2
+        from protos.errors import Rejected
+
+        try:
+            env = envelope.parse_envelope(data, max_bytes=self.cfg.limits.max_envelope_bytes)
+            ds = self.trust.state.verify(env, update_pb2.DesiredState)
+        except Rejected as e:
+            log.warning("device %s: desired state ignored: %s (%s)", self.cfg.device_id, e,
+                        e.reason)
+            return
+        if ds.device_id and ds.device_id != self.cfg.device_id:
+            log.warning("device %s: desired state for %s ignored", self.cfg.device_id,
+                        ds.device_id)
+            return
+        self.desired_generation = ds.generation
+        log.info("device %s: desired state generation %d: %s", self.cfg.device_id,
+                 ds.generation, ", ".join(f"{m.name} v{m.version}" for m in ds.models))
+
+    # ---- telemetry ------------------------------------------------------------------------
+    def _served(self) -> list[device_pb2.ServedModel]:
+        slots = {}
+        for info in self.slots.committed():
+            slots[(info.name, info.variant)] = info.slot
+        return [m.to_proto(slot=slots.get((m.name, m.variant), ""))
+                for m in self.registry.served()]
+
+    def send_heartbeat(self) -> bool:
+        if self.heartbeats is None:
+            return False
+        hb = self.heartbeats.build()
+        return self._publish(topics.device_topic(self.cfg.device_id, topics.HEARTBEAT),
+                             hb.SerializeToString(), qos=0)
+
+    def _make_metrics_tick(self) -> Any:
+        from agent.telemetry.metrics import MetricsCollector
+
+        dev = self.cfg.device_id
+        topic = topics.device_topic(dev, topics.METRICS)
+        try:
+            from agent.telemetry.buffer import OfflineBuffer
+            from agent.telemetry.metrics import MetricsPublisher  # type: ignore[attr-defined]
+        except ImportError:
+            collector = MetricsCollector(self.registry)
+            return lambda: self._publish(topic, collector.snapshot(dev).SerializeToString(),
+                                         qos=0)
+        host_reader = None
+        try:
+            from agent.telemetry.host import HostReader  # type: ignore[attr-defined]
+
+            host_reader = HostReader()
+        except Exception as e:  # host readings are optional
+            log.debug("host readings unavailable: %s", e)
+        collector = MetricsCollector(self.registry, host=host_reader)
+        buffer = OfflineBuffer(self.cfg.data_path / "telemetry")  # type: ignore[call-arg]
+        pub = MetricsPublisher(collector, buffer,
+                               lambda payload: self._publish(topic, payload, qos=1),
+                               device_id=dev)
+        return pub.tick
+
+    def _loop(self) -> None:
+        next_hb = time.monotonic() + self.cfg.heartbeat_interval_s
+        next_metrics = time.monotonic() + self.cfg.metrics_interval_s
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
+            try:
+                if now >= next_hb:
+                    next_hb = now + self.cfg.heartbeat_interval_s
+                    self.send_heartbeat()
+                if now >= next_metrics:
+                    next_metrics = now + self.cfg.metrics_interval_s
+                    if self._metrics_tick is not None:
+                        self._metrics_tick()
+            except Exception:  # telemetry must never stop the agent
+                log.exception("device %s: telemetry tick failed", self.cfg.device_id)

@@ -1,0 +1,184 @@
+"""Agent configuration: dataclasses loaded from a YAML file, with documented defaults.
+
+Used by :mod:`agent.cli` (``edgefleet-agent run --config FILE``) and :class:`agent.app.Agent`.
+Every limit on untrusted bytes carries its unit in the name (``max_update_bytes``). The
+annotated example is ``docs/agent-config.example.yaml``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from protos import topics
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, malformed or has an invalid value."""
+
+
+@dataclass
+class TlsConfig:
+    """MQTT over TLS with a per-device X.509 certificate (all paths optional)."""
+
+    ca: str = ""       # CA bundle that signed the broker certificate ("" = no TLS)
+    cert: str = ""     # device certificate (PEM)
+    key: str = ""      # device private key (PEM)
+
+
+@dataclass
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    keepalive_s: int = 30
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    username: str = ""
+    password: str = ""
+    reconnect_min_s: float = 0.5      # first reconnect delay; doubles up to reconnect_max_s
+    reconnect_max_s: float = 30.0
+    session_expiry_s: int = 3600      # MQTT 5 session expiry (queued QoS 1 chunks survive)
+
+
+@dataclass
+class TrustConfig:
+    root_public_key: str = ""   # base64 of the raw 32-byte Ed25519 root public key (pinned)
+    key_list_path: str = ""     # where the newest accepted KeyList is kept ("" = data_dir/trust/keys.pb)
+
+    def root_raw(self) -> bytes:
+        try:
+            raw = base64.b64decode(self.root_public_key, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ConfigError(f"trust.root_public_key is not base64: {e}") from e
+        if len(raw) != 32:
+            raise ConfigError(f"trust.root_public_key must be 32 raw bytes, got {len(raw)}")
+        return raw
+
+
+@dataclass
+class ServeConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"     # local inference API; loopback only by default
+    port: int = 8080            # 0 = pick a free port
+
+
+@dataclass
+class LimitsConfig:
+    max_update_bytes: int = 512 * 1024 * 1024   # declared target or payload size of one update
+    max_chunk_bytes: int = 256 * 1024           # one UpdateChunk's data (manifest chunk_size)
+    max_envelope_bytes: int = 4 * 1024 * 1024   # one signed envelope (offer, key list, desired)
+    max_chunks: int = 65536                     # chunk count of one update
+
+
+@dataclass
+class UpdateConfig:
+    stall_timeout_s: float = 30.0       # no chunk for this long -> re-request (a retry)
+    max_retries: int = 5                # stalls in a row before the update fails (slow retrieval)
+    request_window_chunks: int = 16     # chunks asked for at once (ChunkRequest window)
+    activation_attempts: int = 2        # agent restarts during activation before rolling back
+
+
+@dataclass
+class AgentConfig:
+    device_id: str
+    device_class: str
+    data_dir: str = "/var/lib/edgefleet-agent"
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    heartbeat_interval_s: float = 10.0
+    metrics_interval_s: float = 15.0
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    labels: dict[str, str] = field(default_factory=dict)
+    log_level: str = "INFO"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def key_list_file(self) -> Path:
+        return Path(self.trust.key_list_path) if self.trust.key_list_path else (
+            self.data_path / "trust" / "keys.pb")
+
+    def validate(self) -> None:
+        if not topics.valid_device_id(self.device_id):
+            raise ConfigError(f"device_id {self.device_id!r}: use [a-z0-9._-], 1-63 chars")
+        if not self.device_class:
+            raise ConfigError("device_class is required")
+        self.trust.root_raw()
+        for name in ("max_update_bytes", "max_chunk_bytes", "max_envelope_bytes", "max_chunks"):
+            if getattr(self.limits, name) <= 0:
+                raise ConfigError(f"limits.{name} must be > 0")
+        if self.update.request_window_chunks <= 0:
+            raise ConfigError("update.request_window_chunks must be > 0")
+        if self.heartbeat_interval_s <= 0 or self.metrics_interval_s <= 0:
+            raise ConfigError("heartbeat_interval_s and metrics_interval_s must be > 0")
+
+
+def _build(cls: Any, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where or 'config'}: {', '.join(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = fields[name]
+        sub = f"{where}.{name}" if where else name
+        ftype = f.type if not isinstance(f.type, str) else _TYPES.get(f.type)
+        if dataclasses.is_dataclass(ftype):
+            kwargs[name] = _build(ftype, value, sub)
+        elif f.type in ("int",) and not isinstance(value, int):
+            raise ConfigError(f"{sub} must be an integer")
+        elif f.type in ("float",) and not isinstance(value, (int, float)):
+            raise ConfigError(f"{sub} must be a number")
+        elif f.type == "dict[str, str]":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{sub} must be a mapping")
+            kwargs[name] = {str(k): str(v) for k, v in value.items()}
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+_TYPES: dict[str, Any] = {
+    "TlsConfig": TlsConfig, "MqttConfig": MqttConfig, "TrustConfig": TrustConfig,
+    "ServeConfig": ServeConfig, "LimitsConfig": LimitsConfig, "UpdateConfig": UpdateConfig,
+}
+
+
+def config_from_dict(data: dict[str, Any]) -> AgentConfig:
+    """Build and validate an AgentConfig from a parsed mapping."""
+    cfg: AgentConfig = _build(AgentConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read ``path`` (YAML) into a validated AgentConfig; ConfigError with the reason."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {p} is not valid YAML: {e}") from e
+    return config_from_dict(data or {})
+
+
+def config_to_dict(cfg: AgentConfig) -> dict[str, Any]:
+    """Plain mapping (for writing a config file in tests and ``enroll``)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,137 @@
+"""The agent's MQTT 5 link (paho-mqtt 2.x, threaded network loop).
+
+Connects as client id = device id, sets the last will ``Presence(online=False, reason="lwt")``
+retained on ``.../presence``, publishes ``Presence(online=True)`` retained on every connect,
+(re)subscribes to the device's offer / chunk / desired topics and the trust key topic, and
+reconnects with exponential backoff. Incoming payloads over ``max_payload_bytes`` are dropped
+with a log line; handler errors are logged, never raised into paho's thread.
+Created by :class:`agent.app.Agent`.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config import MqttConfig
+from protos import topics
+from protos.edgefleet.v1 import device_pb2
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[bytes], None]
+
+
+class MqttLink:
+    """One MQTT 5 connection of the agent (see module docstring)."""
+
+    def __init__(self, cfg: MqttConfig, *, device_id: str, handlers: dict[str, Handler],
+                 max_payload_bytes: int, on_connected: Callable[[], None] | None = None) -> None:
+        self.cfg = cfg
+        self.device_id = device_id
+        self.handlers = dict(handlers)
+        self.max_payload_bytes = max_payload_bytes
+        self._on_connected_cb = on_connected
+        self.connected = threading.Event()
+        self.connect_count = 0
+        self.presence_topic = topics.device_topic(device_id, topics.PRESENCE)
+        c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                        client_id=device_id, protocol=mqtt.MQTTv5)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.reconnect_delay_set(min_delay=cfg.reconnect_min_s,  # type: ignore[arg-type]
+                              max_delay=cfg.reconnect_max_s)  # type: ignore[arg-type]
+        if cfg.username:
+            c.username_pw_set(cfg.username, cfg.password or None)
+        if cfg.tls.ca:
+            c.tls_set(ca_certs=cfg.tls.ca, certfile=cfg.tls.cert or None,
+                      keyfile=cfg.tls.key or None, cert_reqs=ssl.CERT_REQUIRED,
+                      tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        c.will_set(self.presence_topic, self._presence(False, "lwt"), qos=1, retain=True)
+        self.client = c
+
+    def _presence(self, online: bool, reason: str) -> bytes:
+        return device_pb2.Presence(device_id=self.device_id, online=online, reason=reason,
+                                   at_ms=int(time.time() * 1000)).SerializeToString()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background; reconnects forever until :meth:`stop`."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s,
+                                  clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                                  properties=props)
+        self.client.loop_start()
+
+    def stop(self, *, reason: str = "shutdown", timeout_s: float = 2.0) -> None:
+        """Publish presence offline (retained), disconnect cleanly, stop the loop."""
+        if self.connected.is_set():
+            info = self.client.publish(self.presence_topic, self._presence(False, reason),
+                                       qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout_s)
+            except (RuntimeError, ValueError) as e:
+                log.debug("offline presence not confirmed: %s", e)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.connected.clear()
+
+    # ---- publish --------------------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> bool:
+        """Queue a message; False when it could not be queued (not connected)."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            log.debug("publish to %s not sent now: %s", topic, mqtt.error_string(info.rc))
+            return False
+        return True
+
+    # ---- paho callbacks (network thread) --------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
+                    reason_code: mqtt.ReasonCode, properties: object) -> None:
+        if reason_code.is_failure:
+            log.warning("device %s: broker refused connection: %s", self.device_id, reason_code)
+            return
+        self.connect_count += 1
+        log.info("device %s: connected to %s:%d (#%d)", self.device_id, self.cfg.host,
+                 self.cfg.port, self.connect_count)
+        client.publish(self.presence_topic, self._presence(True, "connect"), qos=1, retain=True)
+        subs = [(t, mqtt.SubscribeOptions(qos=1)) for t in self.handlers]
+        if subs:
+            client.subscribe(subs)
+        self.connected.set()
+        if self._on_connected_cb:
+            try:
+                self._on_connected_cb()
+            except Exception:  # never raise into paho's thread
+                log.exception("on_connected handler failed")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
+                       reason_code: mqtt.ReasonCode, properties: object) -> None:
+        self.connected.clear()
+        log.warning("device %s: disconnected (%s); reconnecting with backoff", self.device_id,
+                    reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: object,
+                    msg: mqtt.MQTTMessage) -> None:
+        size = len(msg.payload)
+        if size > self.max_payload_bytes:
+            log.warning("device %s: message on %s of %d bytes exceeds max_payload_bytes %d; "
+                        "dropped", self.device_id, msg.topic, size, self.max_payload_bytes)
+            return
+        handler = self.handlers.get(msg.topic)
+        if handler is None:
+            log.debug("message on unexpected topic %s ignored", msg.topic)
+            return
+        try:
+            handler(bytes(msg.payload))
+        except Exception:  # bad input must not kill the network thread
+            log.exception("device %s: handler for %s failed", self.device_id, msg.topic)

@@ -1,0 +1,68 @@
+"""Rebuild the target engine from a downloaded payload (full artifact or delta).
+
+``full`` payloads are copied; deltas go through :func:`protos.codecs.apply` (bsdiff4,
+tensor-xor) against the base engine held in a slot. Either way the output's size and sha256
+are checked against the signed manifest before the caller renames it into a slot.
+Called by :mod:`agent.update.manager` in state PATCHING.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from agent.update.atomic import READ_BLOCK_BYTES, sha256_file
+from agent.update.verify import VerifiedUpdate
+from protos.errors import EdgefleetError, GiveUp, Rejected
+
+
+def build_target(vu: VerifiedUpdate, payload: Path, *, out: Path, base: Path | None) -> None:
+    """Write the target engine of ``vu`` to ``out`` (fsynced); Rejected on any mismatch."""
+    m = vu.manifest
+    if m.codec == "full":
+        _copy_checked(payload, out, limit=m.target_size)
+    else:
+        if base is None:
+            raise Rejected(f"delta base {m.base_sha256[:12]} is not on this device",
+                           reason="missing_base")
+        try:
+            from protos import codecs  # type: ignore[attr-defined,unused-ignore]
+        except ImportError as e:
+            raise GiveUp(f"codec {m.codec} is not available: {e}", reason="unknown_codec") from e
+        try:
+            codecs.apply(m.codec, base, payload, out, max_output_bytes=m.target_size,
+                         expected_sha256=m.target_sha256)
+        except EdgefleetError:
+            raise
+        except MemoryError as e:
+            raise GiveUp(f"out of memory applying {m.codec} delta", reason="out_of_memory") from e
+        except Exception as e:  # codec libraries raise their own types on corrupt input
+            raise Rejected(f"{m.codec} delta does not apply: {e}", reason="patch_failed") from e
+        with open(out, "rb+") as f:
+            os.fsync(f.fileno())
+    size = out.stat().st_size
+    if size != m.target_size:
+        raise Rejected(f"patched engine has {size} bytes, manifest says {m.target_size}",
+                       reason="target_hash_mismatch")
+    if sha256_file(out) != m.target_sha256:
+        raise Rejected("patched engine sha256 does not match the manifest target_sha256",
+                       reason="target_hash_mismatch")
+
+
+def _copy_checked(src: Path, dst: Path, *, limit: int) -> None:
+    h = hashlib.sha256()
+    written = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while True:
+            block = fin.read(READ_BLOCK_BYTES)
+            if not block:
+                break
+            written += len(block)
+            if written > limit:
+                raise Rejected(f"payload exceeds declared target size {limit}",
+                               reason="target_hash_mismatch")
+            h.update(block)
+            fout.write(block)
+        fout.flush()
+        os.fsync(fout.fileno())

@@ -1,0 +1,175 @@
+"""A/B engine slots on disk: ``data_dir/models/{key}/{a|b}/engine.*`` + ``meta.json``, and
+``active.json`` naming the committed slot.
+
+A new engine is staged into the slot that is NOT active (which drops the older engine kept
+there: the slot store keeps exactly the serving engine and its predecessor as rollback
+target). Commit is one atomic rename of ``active.json``. Every file is written atomically.
+Called by :mod:`agent.update.manager` (stage, commit, base lookup) and :mod:`agent.app`
+(startup: load the committed engines before connecting).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.update.atomic import atomic_replace, atomic_write_bytes, sha256_file
+from agent.update.verify import VerifiedUpdate
+from protos.edgefleet.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+SLOTS = ("a", "b")
+ENGINE_SUFFIX = {"onnxruntime-cpu": ".onnx", "onnxruntime-cuda": ".onnx",
+                 "tensorrt": ".plan", "rknn": ".rknn"}
+
+
+@dataclass
+class SlotInfo:
+    """What one slot holds."""
+
+    key: str
+    slot: str
+    name: str
+    variant: str
+    version: int
+    sha256: str
+    size: int
+    file: str                 # engine file name inside the slot folder
+    engine_kind: str
+    precision: str
+    update_id: str
+    fingerprint_b64: str      # serialized EngineFingerprint
+    signature_b64: str        # serialized ModelSignature
+
+    @property
+    def fingerprint(self) -> common_pb2.EngineFingerprint:
+        fp = common_pb2.EngineFingerprint()
+        fp.ParseFromString(base64.b64decode(self.fingerprint_b64))
+        return fp
+
+    @property
+    def signature(self) -> common_pb2.ModelSignature:
+        sig = common_pb2.ModelSignature()
+        sig.ParseFromString(base64.b64decode(self.signature_b64))
+        return sig
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SlotInfo:
+        return cls(**d)
+
+
+class SlotStore:
+    """The A/B slots of every model on this device."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def slot_dir(self, key: str, slot: str) -> Path:
+        return self.root / key / slot
+
+    def engine_path(self, info: SlotInfo) -> Path:
+        return self.slot_dir(info.key, info.slot) / info.file
+
+    def keys(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def read_meta(self, key: str, slot: str) -> SlotInfo | None:
+        p = self.slot_dir(key, slot) / "meta.json"
+        try:
+            return SlotInfo.from_json(json.loads(p.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as e:
+            log.error("slot meta %s unreadable: %s", p, e)
+            return None
+
+    def active_slot(self, key: str) -> str | None:
+        p = self.root / key / "active.json"
+        try:
+            slot = json.loads(p.read_text()).get("slot")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, AttributeError) as e:
+            log.error("active pointer %s unreadable: %s", p, e)
+            return None
+        return slot if slot in SLOTS else None
+
+    def active(self, key: str) -> SlotInfo | None:
+        slot = self.active_slot(key)
+        return self.read_meta(key, slot) if slot else None
+
+    def inactive_slot(self, key: str) -> str:
+        return "b" if self.active_slot(key) == "a" else "a"
+
+    def check(self, info: SlotInfo) -> bool:
+        """True when the slot's engine file exists and has the recorded sha256."""
+        path = self.engine_path(info)
+        try:
+            return path.stat().st_size == info.size and sha256_file(path) == info.sha256
+        except OSError:
+            return False
+
+    def find_base(self, key: str, sha256: str) -> Path | None:
+        """Engine file in either slot of ``key`` whose recorded sha256 is ``sha256``."""
+        active = self.active_slot(key)
+        for slot in sorted(SLOTS, key=lambda s: s != active):  # the active slot first
+            info = self.read_meta(key, slot)
+            if info and info.sha256 == sha256 and self.engine_path(info).is_file():
+                return self.engine_path(info)
+        return None
+
+    def has_base(self, key: str, sha256: str) -> bool:
+        return self.find_base(key, sha256) is not None
+
+    def staging_file(self, vu: VerifiedUpdate, slot: str) -> Path:
+        """Temp path (inside the target slot folder) for the patcher's output."""
+        d = self.slot_dir(vu.model_key, slot)
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f".incoming-{vu.update_id}.tmp"
+
+    def stage(self, vu: VerifiedUpdate, built: Path, *, slot: str) -> SlotInfo:
+        """Rename a checked engine into ``slot`` (not the active one) and record its meta."""
+        m = vu.manifest
+        key = vu.model_key
+        if slot == self.active_slot(key):
+            raise ValueError(f"refusing to stage over the active slot {key}/{slot}")
+        d = self.slot_dir(key, slot)
+        old = self.read_meta(key, slot)
+        (d / "meta.json").unlink(missing_ok=True)  # the slot is no longer a valid base
+        file = "engine" + ENGINE_SUFFIX.get(m.fingerprint.engine_kind, ".bin")
+        atomic_replace(built, d / file)
+        if old and old.file != file:
+            (d / old.file).unlink(missing_ok=True)
+        info = SlotInfo(
+            key=key, slot=slot, name=m.model_name, variant=m.variant, version=m.version,
+            sha256=m.target_sha256, size=m.target_size, file=file,
+            engine_kind=m.fingerprint.engine_kind, precision=m.fingerprint.precision,
+            update_id=m.update_id,
+            fingerprint_b64=base64.b64encode(m.fingerprint.SerializeToString()).decode(),
+            signature_b64=base64.b64encode(m.signature.SerializeToString()).decode(),
+        )
+        atomic_write_bytes(d / "meta.json", json.dumps(asdict(info), sort_keys=True).encode())
+        for stray in d.glob(".incoming-*.tmp"):
+            stray.unlink(missing_ok=True)
+        return info
+
+    def commit(self, info: SlotInfo) -> None:
+        """Make ``info.slot`` the active slot of its model (one atomic rename)."""
+        atomic_write_bytes(self.root / info.key / "active.json",
+                           json.dumps({"slot": info.slot, "version": info.version,
+                                       "sha256": info.sha256}).encode())
+
+    def committed(self) -> list[SlotInfo]:
+        """The active slot of every model (for startup and heartbeats)."""
+        out = []
+        for key in self.keys():
+            info = self.active(key)
+            if info:
+                out.append(info)
+        return out
