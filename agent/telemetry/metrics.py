@@ -85,7 +85,10 @@ class MetricsCollector:
 
     def model_metrics(self) -> list[ModelMetrics]:
         out = []
-        for (name, version), s in sorted(self.registry.stats.snapshot().items()):
+        stats = self.registry.stats.snapshot()
+        for info in self.registry.served():  # loaded models appear before their first request
+            stats.setdefault((info.name, info.version), ModelStats())
+        for (name, version), s in sorted(stats.items()):
             out.append(ModelMetrics(
                 name=name, version=version, requests=s.requests, errors=s.errors,
                 latency=LatencyHistogram(bounds_ms=list(LATENCY_BOUNDS_MS),
