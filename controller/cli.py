@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command not in ("up", "demo"):
         logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    if not args.verbose:
+        for noisy in ("httpx", "httpcore", "uvicorn", "uvicorn.error", "aiomqtt"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except EdgefleetError as e:

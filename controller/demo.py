@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -158,15 +159,39 @@ async def infer_each(agents: list[AgentProcess]) -> None:
         out = await asyncio.to_thread(infer, a.serve_url, MODEL_NAME, x)
         logits = next(iter(out.values())).ravel()
         say(f"inference on {a.device_id} ({a.serve_url}): predicted {int(np.argmax(logits))} "
-            f"(label {label}), logits[:3]={np.round(logits[:3], 4).tolist()}")
+            f"(label {label}), logits[:3]=[{', '.join(f'{v:.4f}' for v in logits[:3])}]")
+
+
+MARKER = ".edgefleet-demo"
+
+
+def fresh_data_dir(path: Path) -> Path:
+    """Start each demo from scratch: empty the folder if an earlier demo made it (marker file).
+
+    A folder without the marker that is not empty is left alone (never delete user data).
+    """
+    path = path.resolve()
+    if (path / MARKER).is_file():
+        shutil.rmtree(path)
+    elif path.is_dir() and any(path.iterdir()):
+        raise RuntimeError(f"{path} is not empty and was not made by the demo: "
+                           "use --data-dir with a new folder")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).write_text("made by edgefleet demo; removed at the next demo start\n")
+    return path
 
 
 async def run_demo_async(opts: DemoOptions) -> int:
     from controller.cli_client import apply
 
+    try:
+        data_dir = fresh_data_dir(opts.data_dir)
+    except RuntimeError as e:
+        say(f"FAILED: {e}")
+        return 2
     ensure_model()
     version = expected_version(opts.examples)
-    ctrl = EmbeddedController(EmbeddedOptions(data_dir=opts.data_dir, api_port=opts.api_port,
+    ctrl = EmbeddedController(EmbeddedOptions(data_dir=data_dir, api_port=opts.api_port,
                                               mqtt_port=0))
     agents: list[AgentProcess] = []
     stop = asyncio.Event()

@@ -24,13 +24,13 @@ import yaml
 
 from controller.broker import free_port
 
-ARCH_CLASSES = {"x86_64": "cpu-x86_64", "amd64": "cpu-x86_64", "aarch64": "cpu-aarch64",
+ARCH_CLASSES = {"x86_64": "cpu-x86-64", "amd64": "cpu-x86-64", "aarch64": "cpu-aarch64",
                 "arm64": "cpu-aarch64"}
 
 
 def local_device_class() -> str:
-    """The default DeviceClass name of this machine's CPU (cpu-x86_64 or cpu-aarch64)."""
-    return ARCH_CLASSES.get(platform.machine().lower(), "cpu-x86_64")
+    """The default DeviceClass name of this machine's CPU (cpu-x86-64 or cpu-aarch64)."""
+    return ARCH_CLASSES.get(platform.machine().lower(), "cpu-x86-64")
 
 
 def agent_command() -> list[str]:
