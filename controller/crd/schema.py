@@ -167,7 +167,7 @@ def load_documents(
 # ---------------------------------------------------------------- defaults
 
 
-def _apply_defaults(value: Any, schema: dict[str, Any]) -> None:
+def apply_schema_defaults(value: Any, schema: dict[str, Any]) -> None:
     """Fill missing object properties that have ``default`` (like the API server), in place."""
     if isinstance(value, dict):
         props = schema.get("properties") or {}
@@ -175,15 +175,15 @@ def _apply_defaults(value: Any, schema: dict[str, Any]) -> None:
             if key not in value and "default" in sub:
                 value[key] = copy.deepcopy(sub["default"])
             if key in value:
-                _apply_defaults(value[key], sub)
+                apply_schema_defaults(value[key], sub)
         extra = schema.get("additionalProperties")
         if isinstance(extra, dict):
             for key in value:
                 if key not in props:
-                    _apply_defaults(value[key], extra)
+                    apply_schema_defaults(value[key], extra)
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         for item in value:
-            _apply_defaults(item, schema["items"])
+            apply_schema_defaults(item, schema["items"])
 
 
 def with_defaults(doc: dict[str, Any]) -> dict[str, Any]:
@@ -191,24 +191,24 @@ def with_defaults(doc: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(doc)
     info = crds().get(str(doc.get("kind", "")))
     if info is not None:
-        _apply_defaults(out, info.schema)
+        apply_schema_defaults(out, info.schema)
     return out
 
 
 # ---------------------------------------------------------------- validation
 
 
-def _closed(schema: dict[str, Any]) -> dict[str, Any]:
+def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """Copy of a structural schema where unknown fields are errors (kubectl's strict validation)."""
     s = dict(schema)
     if "properties" in s:
-        s["properties"] = {k: _closed(v) for k, v in s["properties"].items()}
+        s["properties"] = {k: strict_schema(v) for k, v in s["properties"].items()}
         if not s.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in s:
             s["additionalProperties"] = False
     if isinstance(s.get("items"), dict):
-        s["items"] = _closed(s["items"])
+        s["items"] = strict_schema(s["items"])
     if isinstance(s.get("additionalProperties"), dict):
-        s["additionalProperties"] = _closed(s["additionalProperties"])
+        s["additionalProperties"] = strict_schema(s["additionalProperties"])
     return s
 
 
@@ -216,7 +216,7 @@ def _closed(schema: dict[str, Any]) -> dict[str, Any]:
 def _validator(kind: str, folder: str) -> Any:
     import jsonschema  # controller extra; imported here so loading YAML needs only pyyaml
 
-    schema = _closed(_load_crds(folder)[kind].schema)
+    schema = strict_schema(_load_crds(folder)[kind].schema)
     # metadata is checked by hand below (the API server owns most of it)
     schema["properties"]["metadata"] = {"type": "object"}
     return jsonschema.Draft7Validator(schema)

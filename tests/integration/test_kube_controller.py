@@ -1,0 +1,202 @@
+"""Cluster mode against the Kubernetes API emulator, through the official client:
+apply -> reconcile -> status and Events; watch dropped, resumed, expired (410); 409 retried;
+restart mid-way resumes from the status stored in the cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.helpers.kube import RunningKube
+from tests.helpers.kube_testkit import (
+    G,
+    V,
+    StepReconciler,
+    cond,
+    controller,
+    get,
+    install_crds,
+    model,
+    wait_for,
+)
+
+pytest.importorskip("kubernetes")
+
+
+@pytest.fixture
+def kube() -> Iterator[RunningKube]:
+    k = RunningKube()
+    api = k.api_client()
+    install_crds(api)
+    api.close()
+    try:
+        yield k
+    finally:
+        k.close()
+
+
+@pytest.fixture
+def api(kube: RunningKube) -> Iterator[Any]:
+    from kubernetes import client
+
+    c = kube.api_client()
+    yield client.CustomObjectsApi(c)
+    c.close()
+
+
+def _ready(api: Any, name: str, generation: int = 1) -> Any:
+    def check() -> Any:
+        o = get(api, "edgemodels", name)
+        if o and cond(o, "Ready") == "True" and o["status"]["observedGeneration"] == generation:
+            return o
+        return None
+    return wait_for(check, what=f"{name} Ready at generation {generation}")
+
+
+def test_apply_reconcile_status_events_and_finalizer(kube: RunningKube, api: Any) -> None:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core = client.CoreV1Api(kube.api_client())
+    created = api.create_namespaced_custom_object(G, V, "default", "edgemodels",
+                                                  model("digits", ["cpu-x86-64", "cpu-aarch64"]))
+    assert created["metadata"]["generation"] == 1  # 201 answered with the object
+    # the API server enforces the CRD schema (same schema as `edgefleet apply`)
+    bad = model("bad", ["cpu-x86-64"])
+    bad["spec"]["targets"][0]["precisions"] = ["int4"]
+    with pytest.raises(ApiException) as ei:
+        api.create_namespaced_custom_object(G, V, "default", "edgemodels", bad)
+    assert ei.value.status == 422 and "int4" in ei.value.body
+
+    rec = StepReconciler()
+    with controller(kube, rec) as src:
+        o = _ready(api, "digits")
+        st = o["status"]
+        assert st["compiledClasses"] == "2/2" and st["phase"] == "Ready"
+        assert {c["type"] for c in st["conditions"]} == {"Ready", "Compiled", "Progressing",
+                                                          "Degraded"}
+        assert all(c["observedGeneration"] == 1 and c["lastTransitionTime"]
+                   for c in st["conditions"])
+        assert o["metadata"]["finalizers"] == ["edgefleet.io/cleanup"]
+        assert [w[2] for w in rec.work] == ["cpu-x86-64", "cpu-aarch64"]
+
+        events = wait_for(lambda: [e for e in core.list_namespaced_event("default").items
+                                   if e.involved_object.name == "digits"
+                                   and e.reason == "AllTargetsCompiled"], what="event")
+        assert events[0].involved_object.kind == "EdgeModel"
+
+        # spec change -> generation 2 -> reconciled again from scratch for that generation
+        patch = {"spec": {"targets": [{"deviceClass": "cpu-x86-64"}, {"deviceClass": "rk3588"}]}}
+        api.patch_namespaced_custom_object(G, V, "default", "edgemodels", "digits", patch)
+        o = _ready(api, "digits", generation=2)
+        assert o["status"]["compiledTargets"] == ["cpu-x86-64", "rk3588"]
+        # a status-only or metadata-only change does not bump the generation
+        api.patch_namespaced_custom_object(G, V, "default", "edgemodels", "digits",
+                                           {"metadata": {"labels": {"team": "vision"}}})
+        assert get(api, "edgemodels", "digits")["metadata"]["generation"] == 2  # type: ignore[index]
+
+        # a problem only a spec change can fix: Degraded, Ready False, Warning event, no retry
+        api.create_namespaced_custom_object(G, V, "default", "edgemodels",
+                                            model("broken", ["reject-me"]))
+        o = wait_for(lambda: (x := get(api, "edgemodels", "broken")) and cond(x, "Degraded")
+                     == "True" and x, what="broken Degraded")
+        assert cond(o, "Ready") == "False"
+        assert "reject-me does not exist" in str(o["status"]["conditions"])
+        # cluster mode needs content pinned by sha256: a path-only model is reported Invalid
+        api.create_namespaced_custom_object(G, V, "default", "edgemodels",
+                                            model("unpinned", ["cpu-x86-64"], sha=None))
+        o = wait_for(lambda: (x := get(api, "edgemodels", "unpinned")) and cond(x, "Degraded")
+                     == "True" and x, what="unpinned Degraded")
+        assert "spec.source.sha256: is required in cluster mode" in str(o["status"])
+        warnings = wait_for(lambda: [e for e in core.list_namespaced_event("default").items
+                                     if e.type == "Warning" and e.involved_object.name == "broken"],
+                            what="warning event")
+        assert warnings
+
+        # delete: finalize runs, then the finalizer goes and the object with it
+        api.delete_namespaced_custom_object(G, V, "default", "edgemodels", "digits")
+        wait_for(lambda: get(api, "edgemodels", "digits") is None, what="digits deleted")
+        assert ("EdgeModel", "digits") in rec.finalized
+        assert src.stats["finalized"] >= 1
+    core.api_client.close()
+
+
+def test_watch_dropped_resumed_and_expired(kube: RunningKube, api: Any) -> None:
+    rec = StepReconciler()
+    with controller(kube, rec) as src:
+        assert src.wait_synced(10)
+        lists = src.stats["lists"]
+        assert lists == 3  # one per kind
+
+        # dropped watch: while disconnected, a model is created; the resumed watch delivers it
+        wait_for(lambda: kube.call(lambda e: e.open_watches) == 3, what="3 open watches")
+        kube.hold_watches()
+        kube.drop_watches()
+        wait_for(lambda: kube.call(lambda e: e.held_watches) >= 3, what="watches to reconnect")
+        api.create_namespaced_custom_object(G, V, "default", "edgemodels", model("a", ["x"]))
+        kube.release_watches()
+        _ready(api, "a")
+        assert src.stats["watches"] >= 6
+        assert src.stats["lists"] == lists  # resumed from the resourceVersion, no relist
+
+        # expired: the event log is compacted while disconnected -> 410 Gone -> relist
+        wait_for(lambda: kube.call(lambda e: e.open_watches) == 3, what="3 open watches")
+        kube.hold_watches()
+        kube.drop_watches()
+        wait_for(lambda: kube.call(lambda e: e.held_watches) >= 6, what="watches to reconnect")
+        api.create_namespaced_custom_object(G, V, "default", "edgemodels", model("b", ["x"]))
+        kube.compact()
+        kube.release_watches()
+        _ready(api, "b")
+        wait_for(lambda: src.stats["relists_410"] >= 3, what="relist after 410")
+        assert src.stats["lists"] >= lists + 3
+        # level-triggered and idempotent: "a" was not compiled again after the relist
+        assert [w[0] for w in rec.work].count("a") == 1
+
+
+def test_status_conflict_is_retried(kube: RunningKube, api: Any) -> None:
+    from kubernetes import client
+
+    other = client.CustomObjectsApi(kube.api_client())
+    raced: list[str] = []
+
+    def race(kind: str, obj: dict[str, Any]) -> None:
+        # another writer changes the object while it is being reconciled (labels only)
+        if kind == "EdgeModel" and obj["metadata"]["name"] == "c" and len(raced) < 2:
+            raced.append(obj["metadata"]["resourceVersion"])
+            other.patch_namespaced_custom_object(
+                G, V, "default", "edgemodels", "c",
+                {"metadata": {"labels": {"touched": str(len(raced))}}})
+
+    rec = StepReconciler(during=race)
+    api.create_namespaced_custom_object(G, V, "default", "edgemodels", model("c", ["x"]))
+    with controller(kube, rec) as src:
+        o = _ready(api, "c")
+        assert src.writer.conflicts >= 1  # the PUT /status with the stale resourceVersion got 409
+        assert o["metadata"]["labels"]["touched"] in ("1", "2")
+        assert rec.work == [("c", 1, "x")]  # the 409 did not make it redo the work
+    other.api_client.close()
+
+
+def test_restart_midway_resumes_from_cluster_state(kube: RunningKube, api: Any) -> None:
+    api.create_namespaced_custom_object(G, V, "default", "edgemodels", model("done", ["x"]))
+    first = StepReconciler(budget=2)  # 1 unit for "done", 1 for "big", then "crashes"
+    with controller(kube, first, identity="first", release=True):
+        _ready(api, "done")
+        api.create_namespaced_custom_object(G, V, "default", "edgemodels",
+                                            model("big", ["t1", "t2", "t3"]))
+        assert first.out_of_budget.wait(20)
+    big = get(api, "edgemodels", "big")
+    assert big is not None and big["status"]["compiledClasses"] == "1/3"
+    assert cond(big, "Progressing") == "True"
+
+    second = StepReconciler()
+    with controller(kube, second, identity="second") as src:
+        o = _ready(api, "big")
+        assert o["status"]["compiledTargets"] == ["t1", "t2", "t3"]
+        assert src.stats["skipped_settled"] >= 1
+    assert first.work == [("done", 1, "x"), ("big", 1, "t1")]
+    assert second.work == [("big", 1, "t2"), ("big", 1, "t3")]  # nothing redone
+    assert not [c for c in second.calls if c[1] == "done"]  # settled: not reconciled again
