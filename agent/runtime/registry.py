@@ -83,6 +83,7 @@ class _Limiter:
         self.waiting = 0
 
     def acquire(self, timeout_s: float) -> bool:
+        """Take a slot; False on timeout. Unlimited (0) takes a slot without waiting."""
         with self._cond:
             if self.limit <= 0 or self.active < self.limit:
                 self.active += 1
@@ -160,6 +161,8 @@ class ModelRegistry:
         to ``queue_timeout_s`` for a concurrency slot; raises :class:`ModelNotFound` or
         :class:`RetryLater` (queue timeout)."""
         limiter = self._limiters.get(name)
+        if limiter is not None and limiter.limit <= 0:
+            limiter = None  # unlimited: skip the slot bookkeeping on the hot path
         if limiter is not None and not limiter.acquire(self._queue_timeout_s):
             raise RetryLater(f"model {name} is busy (concurrency limit {limiter.limit})",
                              reason="queue_timeout")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,9 @@ DATATYPES: dict[str, np.dtype] = {
     "FP16": np.dtype("float16"), "FP32": np.dtype("float32"), "FP64": np.dtype("float64"),
 }
 DTYPE_NAMES: dict[str, str] = {dt.name: name for name, dt in DATATYPES.items()}
+#: numpy dtype -> OIP datatype (dtype objects as keys: ``dtype.name`` is slow per request)
+DTYPE_TO_OIP: dict[np.dtype, str] = {dt: name for name, dt in DATATYPES.items()}
+_LITTLE = sys.byteorder == "little"
 
 
 class BadRequest(Exception):
@@ -195,7 +199,7 @@ def _decode_inputs(header: dict[str, Any], binary: memoryview,
             raise BadRequest(f"input {name!r}: unsupported datatype {datatype!r} "
                              f"(supported: {sorted(DATATYPES)})")
         spec = specs[name]
-        if spec.dtype and dtype.name != spec.dtype:
+        if spec.dtype and DTYPE_NAMES.get(spec.dtype) != datatype:
             raise BadRequest(f"input {name!r} is {datatype}, the model expects "
                              f"{_datatype(spec.dtype)}")
         if len(shape) != len(spec.shape) or any(
@@ -260,10 +264,12 @@ def _encode_outputs(header: dict[str, Any], outputs: dict[str, np.ndarray], *, m
     blobs: list[bytes] = []
     for name, binary in wanted:
         arr = np.ascontiguousarray(outputs[name])
-        entry: dict[str, Any] = {"name": name, "datatype": DTYPE_NAMES.get(arr.dtype.name, "BYTES"),
+        entry: dict[str, Any] = {"name": name, "datatype": DTYPE_TO_OIP.get(arr.dtype, "BYTES"),
                                  "shape": list(arr.shape)}
         if binary:
-            blob = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            if not _LITTLE or arr.dtype.byteorder == ">":  # the wire format is little-endian
+                arr = arr.astype(arr.dtype.newbyteorder("<"))
+            blob = arr.tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
