@@ -44,7 +44,8 @@ class Agent:
                                 max_envelope_bytes=cfg.limits.max_envelope_bytes)
         self.updates = UpdateManager(cfg, trust=self.trust, registry=self.registry,
                                      slots=self.slots, states=StateStore(data / "update"),
-                                     publish=self._publish)
+                                     publish=self._publish,
+                                     connection_id=lambda: self.link.connection_id())
         dev = cfg.device_id
         handlers = {  # trust keys first: retained messages arrive in subscription order
             topics.TRUST_KEYS: lambda b: self.updates.submit("keys", b),

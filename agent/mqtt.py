@@ -87,7 +87,10 @@ class MqttLink:
 
     # ---- publish --------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> bool:
-        """Queue a message; False when it could not be queued (not connected)."""
+        """Send a message; False when not connected (nothing is queued for later: callers
+        re-send what matters on reconnect, so a backlog never replays stale requests)."""
+        if not self.connected.is_set():
+            return False
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             log.debug("publish to %s not sent now: %s", topic, mqtt.error_string(info.rc))
@@ -95,6 +98,10 @@ class MqttLink:
         return True
 
     # ---- paho callbacks (network thread) --------------------------------------------------
+    def connection_id(self) -> int:
+        """Number of the current connection (1, 2, ...), 0 while disconnected."""
+        return self.connect_count if self.connected.is_set() else 0
+
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
                     reason_code: mqtt.ReasonCode, properties: object) -> None:
         if reason_code.is_failure:

@@ -132,14 +132,17 @@ class Transfer:
 
     def __init__(self, assembler: ChunkAssembler, *, window_chunks: int,
                  request: Callable[[list[int]], bool], stall_timeout_s: float,
+                 connection_id: Callable[[], int] = lambda: 1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.asm = assembler
         self.window = window_chunks
         self._request = request
         self.stall_timeout_s = stall_timeout_s
         self._clock = clock
+        self._connection_id = connection_id
         self.outstanding: set[int] = set()
         self.last_progress = clock()
+        self.requested_on = 0  # connection id the outstanding requests were sent on
 
     def request_more(self) -> None:
         """Ask for missing chunks not yet asked for, up to the window."""
@@ -151,10 +154,18 @@ class Transfer:
             self.outstanding.update(want)
 
     def restart_requests(self) -> None:
-        """After a (re)connect or a stall: forget what was asked, ask again for what is missing."""
+        """After a (re)connect or a stall: forget what was asked, ask again for what is missing.
+        While disconnected nothing is sent; the reconnect calls :meth:`on_connected`."""
         self.outstanding.clear()
         self.last_progress = self._clock()
-        self.request_more()
+        self.requested_on = self._connection_id()
+        if self.requested_on:
+            self.request_more()
+
+    def on_connected(self) -> None:
+        """A new connection: re-ask unless the requests already went out on this one."""
+        if self._connection_id() != self.requested_on:
+            self.restart_requests()
 
     def on_chunk(self, index: int, data: bytes) -> bool:
         """Accept a chunk (Rejected propagates); refill the window when it drained halfway."""

@@ -55,13 +55,15 @@ class UpdateManager:
     """The agent side of OTA updates (see module docstring)."""
 
     def __init__(self, cfg: AgentConfig, *, trust: TrustStore, registry: Any, slots: SlotStore,
-                 states: StateStore, publish: Publish) -> None:
+                 states: StateStore, publish: Publish,
+                 connection_id: Callable[[], int] = lambda: 1) -> None:
         self.cfg = cfg
         self.trust = trust
         self.registry = registry
         self.slots = slots
         self.states = states
         self._publish = publish
+        self._connection_id = connection_id
         self.models: dict[str, ModelUpdateState] = states.load_all()
         self.transfers: dict[str, tuple[ModelUpdateState, VerifiedUpdate, Transfer]] = {}
         self.rejected: dict[str, device_pb2.UpdateProgress] = {}  # update id -> last rejection
@@ -298,7 +300,8 @@ class UpdateManager:
                      vu.chunk_count)
         tr = Transfer(asm, window_chunks=self.cfg.update.request_window_chunks,
                       request=lambda idx: self._request_chunks(vu.update_id, idx),
-                      stall_timeout_s=self.cfg.update.stall_timeout_s)
+                      stall_timeout_s=self.cfg.update.stall_timeout_s,
+                      connection_id=self._connection_id)
         self.transfers[vu.update_id] = (ms, vu, tr)
         if asm.complete:
             self._download_done(ms, vu, tr)
@@ -464,9 +467,11 @@ class UpdateManager:
             if ms.current is not None:
                 self._send_status(self._status_of(ms.current))  # where we stand, after a gap
         for _, _, tr in list(self.transfers.values()):
-            tr.restart_requests()
+            tr.on_connected()
 
     def _check_stalls(self) -> None:
+        if not self._connection_id():
+            return  # broker unreachable is not a stall: the reconnect re-requests
         for uid, (ms, _vu, tr) in list(self.transfers.items()):
             if not tr.stalled():
                 continue

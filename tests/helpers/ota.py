@@ -14,6 +14,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -266,3 +269,27 @@ def infer(url: str, model: str, inputs: list[list[float]]) -> list[float]:
     with urllib.request.urlopen(req, timeout=10) as resp:
         out = json.loads(resp.read())
     return [float(v) for v in out["outputs"][0]["data"]]
+
+
+def spawn_agent(config: Path, *, log: Path, crash_at: str | None = None
+                ) -> subprocess.Popen[bytes]:
+    """Start the real agent process (``python -m agent.cli run --config``)."""
+    env = dict(os.environ)
+    env.pop("EDGEFLEET_CRASH_AT", None)
+    if crash_at:
+        env["EDGEFLEET_CRASH_AT"] = crash_at
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                            cwd=root, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def stop_agent(proc: subprocess.Popen[bytes], *, timeout_s: float = 10.0) -> int:
+    """SIGTERM (graceful) then SIGKILL if needed; returns the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout_s)
+    return int(proc.returncode)
