@@ -5,7 +5,8 @@ atomically (temp file in the same folder, fsync, ``os.replace``), so a kill at a
 leaves only whole records. It survives restarts (records are found again by name) and drops
 the oldest records when ``max_bytes`` would be exceeded.
 
-``MetricsPublisher.tick()`` is called by the agent app every metrics interval with the
+``MetricsPublisher`` (defined in :mod:`agent.telemetry.metrics`, re-exported here):
+``tick()`` is called by the agent app every metrics interval with the
 app's MQTT publish function (``publish(payload) -> bool``, True when the broker took it):
 older buffered messages go first, in order; a message that cannot be sent is buffered with
 ``Metrics.buffered = True``.
@@ -18,20 +19,22 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from agent.telemetry.metrics import MetricsCollector
+from agent.telemetry.metrics import MetricsPublisher, TickResult
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".rec"
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+
+__all__ = ["DEFAULT_MAX_BYTES", "MetricsPublisher", "OfflineBuffer", "TickResult"]
 
 
 class OfflineBuffer:
     """Bounded, persistent FIFO of byte records. Thread-safe within one process."""
 
-    def __init__(self, path: Path, *, max_bytes: int) -> None:
+    def __init__(self, path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         self.path = Path(path)
@@ -141,37 +144,3 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class TickResult:
-    sent: int            # messages published this tick (buffered ones included)
-    buffered: bool       # the current snapshot went to the buffer
-    backlog: int         # records still in the buffer
-
-
-class MetricsPublisher:
-    """Sends a ``Metrics`` snapshot every tick, buffering while the link is down."""
-
-    def __init__(self, collector: MetricsCollector, buffer: OfflineBuffer,
-                 publish: Callable[[bytes], bool], *, device_id: str) -> None:
-        self.collector = collector
-        self.buffer = buffer
-        self.publish = publish
-        self.device_id = device_id
-
-    def _send(self, payload: bytes) -> bool:
-        try:
-            return bool(self.publish(payload))
-        except Exception:
-            log.exception("metrics publish failed device=%s", self.device_id)
-            return False
-
-    def tick(self) -> TickResult:
-        msg = self.collector.snapshot(self.device_id)
-        sent = self.buffer.drain(self._send) if len(self.buffer) else 0
-        if not len(self.buffer) and self._send(msg.SerializeToString()):
-            return TickResult(sent=sent + 1, buffered=False, backlog=0)
-        msg.buffered = True
-        self.buffer.append(msg.SerializeToString())
-        return TickResult(sent=sent, buffered=True, backlog=len(self.buffer))

@@ -2,16 +2,20 @@
 latency histogram, queue depth and batch sizes; and the ``Metrics`` message built from them.
 
 ``ServingStats`` is owned by the registry (``ModelRegistry.stats``) and fed by the inference
-server (:mod:`agent.serve`) on every request. ``MetricsCollector`` is called by the metrics
-publisher (:mod:`agent.telemetry.buffer`) every metrics interval and by the Prometheus
-endpoint (:mod:`agent.telemetry.prometheus`).
+server (:mod:`agent.serve`) on every request. ``MetricsCollector`` is called by the Prometheus
+endpoint (:mod:`agent.telemetry.prometheus`) and by ``MetricsPublisher`` (here), whose
+``tick()`` the agent app calls every metrics interval: older buffered messages first
+(:class:`agent.telemetry.buffer.OfflineBuffer`), then the new one; what cannot be sent is
+buffered with ``Metrics.buffered = True``.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,7 +23,10 @@ from protos.edgefleet.v1.device_pb2 import LatencyHistogram, Metrics, ModelMetri
 
 if TYPE_CHECKING:
     from agent.runtime.registry import ModelRegistry
+    from agent.telemetry.buffer import OfflineBuffer
     from agent.telemetry.host import HostReader
+
+log = logging.getLogger(__name__)
 
 #: upper bounds of the latency histogram, in milliseconds (last bucket is +Inf)
 LATENCY_BOUNDS_MS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0,
@@ -107,3 +114,37 @@ class MetricsCollector:
         if self.host is not None:
             msg.host.CopyFrom(self.host.read())
         return msg
+
+
+@dataclass(frozen=True)
+class TickResult:
+    sent: int            # messages published this tick (buffered ones included)
+    buffered: bool       # the current snapshot went to the buffer
+    backlog: int         # records still in the buffer
+
+
+class MetricsPublisher:
+    """Sends a ``Metrics`` snapshot every tick, buffering while the link is down."""
+
+    def __init__(self, collector: MetricsCollector, buffer: OfflineBuffer,
+                 publish: Callable[[bytes], bool], *, device_id: str) -> None:
+        self.collector = collector
+        self.buffer = buffer
+        self.publish = publish
+        self.device_id = device_id
+
+    def _send(self, payload: bytes) -> bool:
+        try:
+            return bool(self.publish(payload))
+        except Exception:
+            log.exception("metrics publish failed device=%s", self.device_id)
+            return False
+
+    def tick(self) -> TickResult:
+        msg = self.collector.snapshot(self.device_id)
+        sent = self.buffer.drain(self._send) if len(self.buffer) else 0
+        if not len(self.buffer) and self._send(msg.SerializeToString()):
+            return TickResult(sent=sent + 1, buffered=False, backlog=0)
+        msg.buffered = True
+        self.buffer.append(msg.SerializeToString())
+        return TickResult(sent=sent, buffered=True, backlog=len(self.buffer))
