@@ -15,7 +15,7 @@ import yaml
 from controller.crd.leader import LeaderElector
 from controller.crd.source import ClusterSource
 from controller.crd.status import condition
-from protos.errors import RetryLater, Rejected
+from protos.errors import Rejected, RetryLater
 from tests.helpers.kube import RunningKube
 
 ROOT = Path(__file__).resolve().parents[2]

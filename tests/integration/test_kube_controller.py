@@ -12,8 +12,8 @@ import pytest
 from tests.helpers.kube import RunningKube
 from tests.helpers.kube_testkit import (
     G,
-    V,
     StepReconciler,
+    V,
     cond,
     controller,
     get,
@@ -68,7 +68,7 @@ def test_apply_reconcile_status_events_and_finalizer(kube: RunningKube, api: Any
     bad["spec"]["targets"][0]["precisions"] = ["int4"]
     with pytest.raises(ApiException) as ei:
         api.create_namespaced_custom_object(G, V, "default", "edgemodels", bad)
-    assert ei.value.status == 422 and "int4" in ei.value.body
+    assert ei.value.status == 422 and "int4" in str(ei.value.body)
 
     rec = StepReconciler()
     with controller(kube, rec) as src:

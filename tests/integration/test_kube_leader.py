@@ -12,8 +12,8 @@ import pytest
 from tests.helpers.kube import RunningKube
 from tests.helpers.kube_testkit import (
     G,
-    V,
     StepReconciler,
+    V,
     cond,
     controller,
     get,
@@ -100,7 +100,7 @@ def test_losing_the_lease_stops_reconciling_at_once(kube: RunningKube, api: Any)
 
         # someone else takes the Lease (e.g. a partitioned replica's successor)
         c = kube.api_client()
-        leases = client.CoordinationV1Api(c)
+        leases: Any = client.CoordinationV1Api(c)
         lease = leases.read_namespaced_lease("edgefleet-controller", "default")
         lease.spec.holder_identity = "intruder"
         lease.spec.lease_duration_seconds = 3600
