@@ -168,3 +168,19 @@ def test_device_class_and_accuracy_from_crd_spec() -> None:
         AccuracySpec.from_spec({"metric": "cosine", "budget": 0.99})
     with pytest.raises(Rejected):
         AccuracySpec.from_spec({"metric": "top1-agreement", "budget": "lots"})
+
+
+def test_missing_toolchains_are_backend_unavailable(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    from controller.compile.api import get_compiler
+    from controller.compile.rknn import VENV_ENV
+    from protos.errors import BackendUnavailable
+
+    monkeypatch.setenv(VENV_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(BackendUnavailable, match="rknn-env.sh"):
+        get_compiler(DeviceClassSpec(name="rk", engine_kind="rknn", arch="aarch64"))
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendUnavailable, match="tensorrt"):
+            get_compiler(get_device_class("jetson-orin"))
