@@ -39,14 +39,18 @@ ORT_TYPES: dict[str, str] = {
     "tensor(int64)": "int64", "tensor(uint64)": "uint64", "tensor(bool)": "bool",
 }
 
-_DEFAULT_THREADS = {"intra_op": int(os.environ.get("EDGEFLEET_INTRA_OP_THREADS", "0"))}
+_DEFAULT_THREADS = {"intra_op": int(os.environ.get("EDGEFLEET_INTRA_OP_THREADS", "0")),
+                    "spin": int(os.environ.get("EDGEFLEET_ORT_SPINNING", "0"))}
 
 
-def set_default_threads(intra_op_threads: int) -> None:
-    """Set intra-op threads for sessions created afterwards (0 = onnxruntime decides)."""
+def set_default_threads(intra_op_threads: int, *, allow_spinning: bool = False) -> None:
+    """Set intra-op threads for sessions created afterwards (0 = onnxruntime decides).
+    ``allow_spinning``: let idle pool threads busy-wait (a little lower latency, but they
+    burn CPU that a small board needs for everything else, including hot swaps)."""
     if intra_op_threads < 0:
         raise ValueError("intra_op_threads must be >= 0")
     _DEFAULT_THREADS["intra_op"] = intra_op_threads
+    _DEFAULT_THREADS["spin"] = int(allow_spinning)
 
 
 class OnnxRuntimeEngine(LoadedEngine):
@@ -122,6 +126,8 @@ class _OrtBackend(EngineBackend):
         if threads:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                      str(_DEFAULT_THREADS["spin"]))
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         return opts

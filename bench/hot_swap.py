@@ -1,0 +1,181 @@
+"""Hot swap under load: failed requests, latency during swaps, peak memory during a swap.
+
+Serves an MLP of ``--size-mb`` MB through the HTTP API; client processes send binary OIP
+requests closed-loop, paced to about half of the capacity measured first; the main process
+(the agent) swaps between two model versions ``--swaps`` times, as the update thread would.
+Reports: failed requests (target 0), steady p50/p99, p99 of requests overlapping a swap
+(target <= 1.5x steady p99), peak RSS during swaps vs steady (target <= steady + 1x model
+size). Writes bench/results/hot_swap.json.
+
+    .venv/bin/python -m bench.hot_swap [--size-mb 8] [--swaps 20] [--clients 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from agent.runtime.registry import ModelRegistry
+from agent.serve import start_server
+from bench.serving_overhead import RawClient
+from tests.helpers.models import activate_file, build_mlp
+
+RESULTS = Path(__file__).parent / "results"
+N_IN = 64
+
+
+def _body() -> tuple[bytes, dict[str, str]]:
+    x = np.random.default_rng(0).standard_normal((1, N_IN)).astype(np.float32)
+    header = json.dumps({"inputs": [{"name": "x", "shape": [1, N_IN], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _client(port: int, duration_s: float, interval_s: float, out: mp.Queue) -> None:
+    """Closed loop: one request at a time, then wait until the next slot (``interval_s``)."""
+    body, headers = _body()
+    client = RawClient(port, "/v2/models/m/infer", body, headers)
+    samples: list[tuple[float, float, bool]] = []  # (start monotonic, latency s, ok)
+    end = time.monotonic() + duration_s
+    next_at = time.monotonic()
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        try:
+            client.call()
+            ok = True
+        except Exception:  # counted as a failed request
+            ok = False
+            client = RawClient(port, "/v2/models/m/infer", body, headers)
+        samples.append((t0, time.monotonic() - t0, ok))
+        next_at += interval_s
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            next_at = time.monotonic()
+    out.put(samples)
+
+
+def _run_clients(port: int, n: int, duration_s: float, interval_s: float
+                 ) -> tuple[list[mp.Process], mp.Queue]:
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(port, duration_s, interval_s, out))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    return procs, out
+
+
+def _collect(procs: list[mp.Process], out: mp.Queue) -> list[tuple[float, float, bool]]:
+    samples: list[tuple[float, float, bool]] = []
+    for _ in procs:
+        samples.extend(out.get(timeout=600))
+    for p in procs:
+        p.join(30)
+    return samples
+
+
+def _pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(len(v) * q))] * 1000 if v else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size-mb", type=float, default=8.0)
+    ap.add_argument("--swaps", type=int, default=20)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--steady-s", type=float, default=5.0)
+    ap.add_argument("--gap-s", type=float, default=0.3, help="pause between swaps")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench-hotswap-"))
+    files = [build_mlp(work / "a.onnx", size_mb=args.size_mb, n_in=N_IN, marker=1.0, seed=1),
+             build_mlp(work / "b.onnx", size_mb=args.size_mb, n_in=N_IN, marker=2.0, seed=2)]
+    model_bytes = files[0].stat().st_size
+    reg = ModelRegistry()
+    activate_file(reg, files[0], name="m", version=1)
+    handle = start_server(reg)
+    proc = psutil.Process(os.getpid())
+
+    # 1. capacity: clients flat out
+    procs, out = _run_clients(handle.port, args.clients, 3.0, 0.0)
+    cap_samples = _collect(procs, out)
+    capacity_rps = len(cap_samples) / 3.0
+    interval_s = args.clients / (capacity_rps / 2)  # half capacity in total
+
+    # 2. steady + swap phases in one client run; RSS sampled in a thread
+    rss: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample_rss() -> None:
+        while not stop.is_set():
+            rss.append((time.monotonic(), proc.memory_info().rss))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    swap_phase_s = args.swaps * (args.gap_s + 0.4) + 2.0
+    procs, out = _run_clients(handle.port, args.clients, args.steady_s + swap_phase_s, interval_s)
+    time.sleep(1.0)  # clients start (spawned interpreters)
+    steady_start = time.monotonic()
+    time.sleep(args.steady_s)
+    steady_end = time.monotonic()
+    windows: list[tuple[float, float]] = []
+    for i in range(args.swaps):
+        t0 = time.monotonic()
+        activate_file(reg, files[(i + 1) % 2], name="m", version=i + 2)
+        windows.append((t0, time.monotonic()))
+        time.sleep(args.gap_s)
+    swaps_end = time.monotonic()
+    samples = _collect(procs, out)
+    stop.set()
+    sampler.join()
+    handle.stop()
+
+    failed = sum(1 for _t, _lat, ok in samples if not ok)
+    steady = [lat for t, lat, ok in samples if ok and steady_start <= t < steady_end]
+    during = [lat for t, lat, ok in samples if ok and any(
+        a - lat <= t <= b for a, b in windows)]
+    rss_steady = max(r for t, r in rss if steady_start <= t < steady_end)
+    rss_swaps = max(r for t, r in rss if steady_end <= t <= swaps_end)
+    activate_ms = [(b - a) * 1000 for a, b in windows]
+    result = {
+        "benchmark": "hot_swap", "machine": platform.machine(), "cpus": os.cpu_count(),
+        "model_bytes": model_bytes, "swaps": args.swaps, "clients": args.clients,
+        "capacity_rps": round(capacity_rps, 1),
+        "offered_rps": round(args.clients / interval_s, 1),
+        "requests": len(samples), "failed_requests": failed,
+        "steady_p50_ms": round(_pct(steady, 0.5), 3), "steady_p99_ms": round(_pct(steady, 0.99), 3),
+        "swap_requests": len(during),
+        "swap_p50_ms": round(_pct(during, 0.5), 3), "swap_p99_ms": round(_pct(during, 0.99), 3),
+        "activate_ms_p50": round(sorted(activate_ms)[len(activate_ms) // 2], 1),
+        "activate_ms_max": round(max(activate_ms), 1),
+        "rss_steady_peak_bytes": rss_steady, "rss_swap_peak_bytes": rss_swaps,
+        "rss_swap_extra_over_model_size": round((rss_swaps - rss_steady) / model_bytes, 2),
+    }
+    result["swap_p99_over_steady_p99"] = round(result["swap_p99_ms"] / result["steady_p99_ms"], 2)
+    result["targets"] = {"failed_requests": 0, "swap_p99_over_steady_p99": 1.5,
+                         "rss_swap_extra_over_model_size": 1.0}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "hot_swap.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'metric':36s} {'value':>14s}")
+    for key, value in result.items():
+        if key != "targets":
+            print(f"{key:36s} {value!s:>14s}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
