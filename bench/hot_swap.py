@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -68,7 +69,7 @@ def _client(port: int, duration_s: float, interval_s: float, out: mp.Queue) -> N
 
 
 def _run_clients(port: int, n: int, duration_s: float, interval_s: float
-                 ) -> tuple[list[mp.Process], mp.Queue]:
+                 ) -> tuple[list[Any], mp.Queue]:
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     procs = [ctx.Process(target=_client, args=(port, duration_s, interval_s, out))
@@ -78,7 +79,7 @@ def _run_clients(port: int, n: int, duration_s: float, interval_s: float
     return procs, out
 
 
-def _collect(procs: list[mp.Process], out: mp.Queue) -> list[tuple[float, float, bool]]:
+def _collect(procs: list[Any], out: mp.Queue) -> list[tuple[float, float, bool]]:
     samples: list[tuple[float, float, bool]] = []
     for _ in procs:
         samples.extend(out.get(timeout=600))
