@@ -201,3 +201,14 @@ def test_light_variant_preference(models: dict[str, Path]) -> None:
     assert {(i.variant, i.active) for i in reg.served()} == {("", False), ("light", True)}
     reg.set_preferred_variant("")
     assert _marker(reg) == 1.0
+
+
+def test_rknn_soc_detection_from_device_tree(tmp_path: Path) -> None:
+    from agent.runtime.rknnlite import detect_soc
+
+    compatible = tmp_path / "compatible"
+    compatible.write_bytes(b"radxa,rock-5b\x00rockchip,rk3588\x00")
+    assert detect_soc(compatible) == "rk3588"
+    compatible.write_bytes(b"raspberrypi,5-model-b\x00brcm,bcm2712\x00")
+    assert detect_soc(compatible) == ""
+    assert detect_soc(tmp_path / "missing") == ""
