@@ -200,3 +200,36 @@ def test_restart_midway_resumes_from_cluster_state(kube: RunningKube, api: Any) 
     assert first.work == [("done", 1, "x"), ("big", 1, "t1")]
     assert second.work == [("big", 1, "t2"), ("big", 1, "t3")]  # nothing redone
     assert not [c for c in second.calls if c[1] == "done"]  # settled: not reconciled again
+
+
+def test_async_reconcile_functions_through_loop_adapter(kube: RunningKube, api: Any) -> None:
+    import asyncio
+    import threading
+
+    from controller.crd.adapter import LoopReconciler
+    from controller.crd.source import ClusterSource
+    from controller.crd.status import condition
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    seen: list[str] = []
+
+    async def reconcile_model(obj: dict[str, Any]) -> dict[str, Any]:
+        assert asyncio.get_running_loop() is loop  # runs on the controller's loop
+        seen.append(obj["metadata"]["name"])
+        return {"phase": "Ready", "conditions": [condition("Ready", True, "Compiled")]}
+
+    client = kube.api_client()
+    src = ClusterSource(client, LoopReconciler(loop, reconcilers={"EdgeModel": reconcile_model}),
+                        resync_s=None)
+    src.start()
+    try:
+        api.create_namespaced_custom_object(G, V, "default", "edgemodels", model("m", ["x"]))
+        _ready(api, "m")
+        assert seen == ["m"]
+    finally:
+        src.stop()
+        client.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
