@@ -152,7 +152,8 @@ class ControllerCore:
                         payload = message.payload
                         if not isinstance(payload, (bytes, bytearray)):
                             payload = str(payload or "").encode()
-                        self.ingest.handle(str(message.topic), bytes(payload))
+                        self.ingest.handle(str(message.topic), bytes(payload),
+                                           retained=bool(message.retain))
             except aiomqtt.MqttError as e:
                 log.warning("MQTT connection to %s:%d lost: %s; retrying", s.mqtt_host,
                             s.mqtt_port, e)

@@ -115,7 +115,8 @@ class Ingest:
         return subs
 
     # -- dispatch -------------------------------------------------------------------------------
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> None:
+        """One device message; ``retained``: the broker delivered a stored retained copy."""
         parsed = topics.parse_device_topic(topic)
         if parsed is None:
             return self._drop("?", f"not a device topic: {topic[:120]!r}")
@@ -127,7 +128,7 @@ class Ingest:
             if parsed.leaf == topics.HEARTBEAT:
                 self._heartbeat(dev, payload)
             elif parsed.leaf == topics.PRESENCE:
-                self._presence(dev, payload)
+                self._presence(dev, payload, retained=retained)
             elif parsed.leaf == topics.METRICS:
                 self._metrics(dev, payload)
             elif parsed.leaf == topics.UPDATE_STATUS:
@@ -182,7 +183,7 @@ class Ingest:
         if changed or not was_online:
             self.on_change("heartbeat")
 
-    def _presence(self, dev: str, payload: bytes) -> None:
+    def _presence(self, dev: str, payload: bytes, *, retained: bool = False) -> None:
         if not payload:       # retained message cleared
             return
         p = self._parse(device_pb2.Presence, payload, dev)
@@ -197,8 +198,10 @@ class Ingest:
                 d.online, d.offline_since_ms, d.offline_reason = True, None, ""
                 d.last_seen_ms = now
             else:
-                # a stale retained offline must not override a newer heartbeat
-                if d.last_seen_ms and p.at_ms and p.at_ms < d.last_seen_ms - 5000 and d.online:
+                # a stale retained offline must not override a newer heartbeat; a live one (the
+                # last will, stamped when the agent connected) always counts
+                if (retained and d.last_seen_ms and p.at_ms and p.at_ms < d.last_seen_ms - 5000
+                        and d.online):
                     return
                 d.online = False
                 d.offline_since_ms = now
