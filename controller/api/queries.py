@@ -124,6 +124,23 @@ def _resource(s: Session, kind: str, namespace: str, name: str) -> Resource | No
                   .where(col(Resource.deleted_ms).is_(None))).first()
 
 
+def _is(value: Any, want: bool) -> bool:
+    return value is want or str(value).lower() == str(want).lower()
+
+
+def status_message(status: dict[str, Any]) -> str:
+    """The one line that says why a resource is where it is: status.message, else the message
+    of a failing Ready condition, a true Degraded one, or the Ready condition."""
+    if status.get("message"):
+        return str(status["message"])
+    conds = [c for c in status.get("conditions") or [] if isinstance(c, dict)]
+    for ctype, want in (("Ready", False), ("Degraded", True), ("Ready", True)):
+        for c in conds:
+            if c.get("type") == ctype and _is(c.get("status"), want) and c.get("message"):
+                return str(c["message"])
+    return ""
+
+
 def _model_view(s: Session, r: Resource, *, full: bool) -> dict[str, Any]:
     view = _resource_view(r)
     spec = r.spec or {}
@@ -132,7 +149,7 @@ def _model_view(s: Session, r: Resource, *, full: bool) -> dict[str, Any]:
     view["source_sha256"] = (spec.get("source") or {}).get("sha256", "") or status.get(
         "sourceSha256", "")
     view["compiled"] = status.get("compiledClasses", "")
-    view["message"] = status.get("message", "")
+    view["message"] = status_message(status)
     if full and view["source_sha256"]:
         engines = s.exec(select(Engine).where(Engine.model_sha256 == view["source_sha256"])).all()
         view["engines"] = [{
@@ -183,7 +200,7 @@ def _rollout_view(s: Session, r: Resource, *, full: bool) -> dict[str, Any]:
         "devices_total": len(states), "devices_committed": done, "devices_failed": failed,
         "progress": f"{done}/{len(states)}", "wave": status.get("currentWave", status.get("wave")),
         "bytes_sent_total": sum(x["bytes_sent"] for x in states),
-        "message": status.get("message", ""),
+        "message": status_message(status),
     })
     if full:
         view["devices"] = states
