@@ -1,0 +1,117 @@
+"""Idle footprint of the agent's serving side: RSS and CPU of a process that starts the
+registry and the inference server, with no model and with the digits model loaded (and,
+with ``--agent-config``, of the full ``edgefleet-agent run --config FILE``).
+
+Each case runs in a fresh child process; after it is ready and has settled, RSS (and USS
+where readable) is read and CPU time is measured over ``--idle-s`` seconds of idleness.
+Target: < 60 MB idle RSS. Writes bench/results/agent_footprint.json.
+
+    .venv/bin/python -m bench.agent_footprint [--idle-s 5] [--agent-config FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from agent.runtime.registry import ModelRegistry
+from agent.serve import start_server
+reg = ModelRegistry()
+model = sys.argv[1]
+if model:
+    import hashlib
+    from protos.edgefleet.v1.common_pb2 import EngineFingerprint
+    p = Path(model)
+    reg.activate(name="digits", version=1, path=p,
+                 sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
+                 fingerprint=EngineFingerprint(engine_kind="onnxruntime-cpu", precision="fp32"),
+                 signature=None)
+handle = start_server(reg)
+print("ready", handle.port, flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def _measure(cmd: list[str], *, idle_s: float, settle_s: float, ready_line: bool) -> dict:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        if ready_line:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"child did not start: {line!r}")
+        time.sleep(settle_s)
+        ps = psutil.Process(proc.pid)
+        family = [ps, *ps.children(recursive=True)]
+        cpu0 = sum(p.cpu_times().user + p.cpu_times().system for p in family)
+        time.sleep(idle_s)
+        cpu1 = sum(p.cpu_times().user + p.cpu_times().system for p in family)
+        mem = ps.memory_full_info() if hasattr(ps, "memory_full_info") else ps.memory_info()
+        return {"rss_mb": round(mem.rss / 2**20, 1),
+                "uss_mb": round(getattr(mem, "uss", 0) / 2**20, 1) or None,
+                "threads": ps.num_threads(),
+                "idle_cpu_percent": round((cpu1 - cpu0) / idle_s * 100, 2)}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--idle-s", type=float, default=5.0)
+    ap.add_argument("--settle-s", type=float, default=1.0)
+    ap.add_argument("--agent-config", type=Path, default=None)
+    args = ap.parse_args(argv)
+    from controller.models.digits import build_digits_cnn
+
+    digits = build_digits_cnn(Path(tempfile.mkdtemp()) / "digits.onnx", seed=0, variant="v1")
+    rows: dict[str, dict] = {}
+    rows["server + registry, no model"] = _measure(
+        [sys.executable, "-c", CHILD, ""], idle_s=args.idle_s, settle_s=args.settle_s,
+        ready_line=True)
+    rows["server + registry, digits model"] = _measure(
+        [sys.executable, "-c", CHILD, str(digits)], idle_s=args.idle_s, settle_s=args.settle_s,
+        ready_line=True)
+    rows["bare python + onnxruntime import"] = _measure(
+        [sys.executable, "-c", "import onnxruntime, time; print('ready', flush=True); "
+                               "time.sleep(3600)"],
+        idle_s=args.idle_s, settle_s=args.settle_s, ready_line=True)
+    if args.agent_config is not None:
+        exe = Path(sys.executable).parent / "edgefleet-agent"
+        rows["edgefleet-agent run"] = _measure(
+            [str(exe), "run", "--config", str(args.agent_config)], idle_s=args.idle_s,
+            settle_s=max(args.settle_s, 5.0), ready_line=False)
+    result = {"benchmark": "agent_footprint", "machine": platform.machine(),
+              "python": platform.python_version(), "idle_s": args.idle_s,
+              "target_idle_rss_mb": 60, "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "agent_footprint.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'process':36s} {'RSS MB':>8s} {'USS MB':>8s} {'threads':>8s} {'idle CPU %':>11s}")
+    for name, row in rows.items():
+        print(f"{name:36s} {row['rss_mb']:8.1f} {row['uss_mb'] or 0:8.1f} {row['threads']:8d} "
+              f"{row['idle_cpu_percent']:11.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
