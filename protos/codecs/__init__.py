@@ -1,0 +1,15 @@
+"""OTA delta codecs: ``make`` (controller), ``apply`` (agent), ``plan`` (controller).
+
+The byte formats are part of the wire contract (docs/deltas.md). ``apply`` is pure byte
+operations (zstandard, bsdiff4, numpy): no ``onnx`` import anywhere in this package. Every delta
+file carries a header with its codec name, the target size and sha256 and the base sha256, so
+it can be checked before a byte is written; output is written atomically and only after its
+sha256 matched. Called by controller.ota.planner (plan/make), agent.update (apply) and the
+``edgefleet delta`` CLI (:mod:`protos.codecs.cli`).
+"""
+
+from protos.codecs.container import Header
+from protos.codecs.core import CODECS, apply, make, read_delta_header
+from protos.codecs.planner import DeltaChoice, plan
+
+__all__ = ["CODECS", "DeltaChoice", "Header", "apply", "make", "plan", "read_delta_header"]
