@@ -11,12 +11,16 @@ Accuracy budget meaning per metric (all fractions, not percent):
   * ``top1-agreement``  min fraction of samples whose top-1 matches FP32, e.g. 0.99
   * ``max-abs-error``   max allowed |engine - FP32| over every output element
   * ``relative-error``  max allowed ||engine - FP32|| / ||FP32|| per output (L2, per sample max)
+Top-1 metrics read class scores on ``classAxis`` of ``output`` from ``classOffset`` on, counting
+only positions where FP32's best score >= ``scoreThreshold`` (detectors: YOLOv8 output
+[N, 4+C, anchors] -> classOffset 4, scoreThreshold 0.25). Without them a detector's top-1 would
+be dominated by box coordinates, like one cosine over the whole output.
 """
 
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from protos.errors import Rejected
@@ -95,7 +99,10 @@ class AccuracySpec:
 
     metric: str = "top1-agreement"
     budget: float = 0.99
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    output: str = ""          # output judged by top-1 metrics ("" = the first)
+    class_axis: int = 1       # axis of class scores in that output
+    class_offset: int = 0     # first class channel (4 for YOLOv8: channels 0-3 are the box)
+    score_threshold: float | None = None  # top-1 only where FP32's best score >= this
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -103,6 +110,9 @@ class AccuracySpec:
                            reason="bad_accuracy_spec")
         if not (self.budget == self.budget) or self.budget < 0:  # NaN or negative
             raise Rejected(f"accuracy budget must be >= 0, got {self.budget}",
+                           reason="bad_accuracy_spec")
+        if self.class_axis < 1 or self.class_offset < 0:
+            raise Rejected("classAxis must be >= 1 (axis 0 is samples) and classOffset >= 0",
                            reason="bad_accuracy_spec")
         if self.metric == "top1-agreement" and self.budget > 1:
             raise Rejected("top1-agreement budget is a fraction in [0, 1]",
@@ -115,13 +125,27 @@ class AccuracySpec:
         if not isinstance(spec, dict):
             raise Rejected("accuracy must be a mapping", reason="bad_accuracy_spec")
         try:
+            thr = spec.get("scoreThreshold")
             return cls(metric=str(spec.get("metric", "top1-agreement")),
-                       budget=float(spec.get("budget", 0.99)))
+                       budget=float(spec.get("budget", 0.99)),
+                       output=str(spec.get("output", "")),
+                       class_axis=int(spec.get("classAxis", 1)),
+                       class_offset=int(spec.get("classOffset", 0)),
+                       score_threshold=float(thr) if thr is not None else None)
         except (TypeError, ValueError) as e:
             raise Rejected(f"bad accuracy spec: {e}", reason="bad_accuracy_spec") from e
 
     def to_spec(self) -> dict[str, Any]:
-        return {"metric": self.metric, "budget": self.budget}
+        d: dict[str, Any] = {"metric": self.metric, "budget": self.budget}
+        if self.output:
+            d["output"] = self.output
+        if self.class_axis != 1:
+            d["classAxis"] = self.class_axis
+        if self.class_offset:
+            d["classOffset"] = self.class_offset
+        if self.score_threshold is not None:
+            d["scoreThreshold"] = self.score_threshold
+        return d
 
 
 def _host_arch() -> str:

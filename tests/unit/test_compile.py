@@ -184,3 +184,22 @@ def test_missing_toolchains_are_backend_unavailable(monkeypatch: pytest.MonkeyPa
     except ImportError:
         with pytest.raises(BackendUnavailable, match="tensorrt"):
             get_compiler(get_device_class("jetson-orin"))
+
+
+def test_detector_top1_sees_collapse_that_cosine_misses() -> None:
+    from controller.compile.accuracy import compare
+
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(50, 300, (2, 4, 500)).astype(np.float32)
+    scores = rng.uniform(0, 0.1, (2, 3, 500)).astype(np.float32)
+    scores[:, 1, :40] = 0.9  # 40 confident anchors of class 1
+    scores[:, 2, 40:80] = 0.8  # 40 of class 2
+    ref = {"output0": np.concatenate([boxes, scores], 1)}
+    collapsed = np.concatenate([boxes, np.full_like(scores, 0.3)], 1)
+    det = AccuracySpec("top1-agreement", 0.9, class_offset=4, score_threshold=0.25)
+    g = compare(ref, {"output0": collapsed}, labels=None, accuracy=det)
+    assert g.metrics["cosine"]["output0"] > 0.999  # one cosine says "fine"
+    assert g.metrics["top1_positions"] == 160
+    assert not g.passed and g.value < 0.5       # per-anchor class top-1 says "collapsed"
+    assert compare(ref, ref, labels=None, accuracy=det).passed
+    assert AccuracySpec.from_spec(det.to_spec()) == det
