@@ -133,11 +133,17 @@ class Agent:
 
     # ---- telemetry ------------------------------------------------------------------------
     def _served(self) -> list[device_pb2.ServedModel]:
-        slots = {}
-        for info in self.slots.committed():
-            slots[(info.name, info.variant)] = info.slot
-        return [m.to_proto(slot=slots.get((m.name, m.variant), ""))
-                for m in self.registry.served()]
+        out = []
+        for m in self.registry.served():
+            key = f"{m.name}.{m.variant}" if m.variant else m.name
+            slot = ""
+            for s in ("a", "b"):  # the slot holding exactly the engine being served
+                info = self.slots.read_meta(key, s)
+                if info is not None and info.sha256 == m.sha256:
+                    slot = s
+                    break
+            out.append(m.to_proto(slot=slot))
+        return out
 
     def send_heartbeat(self) -> bool:
         if self.heartbeats is None:

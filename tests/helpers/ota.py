@@ -66,12 +66,14 @@ class Offer:
 class OtaDriver:
     """The controller side of OTA for one device (see module docstring)."""
 
-    def __init__(self, host: str, port: int, *, device_id: str, device_class: str) -> None:
+    def __init__(self, host: str, port: int, *, device_id: str, device_class: str,
+                 root: Ed25519PrivateKey | None = None,
+                 signer: Ed25519PrivateKey | None = None) -> None:
         self.host, self.port = host, port
         self.device_id = device_id
         self.device_class = device_class
-        self.root = Ed25519PrivateKey.generate()
-        self.signer = Ed25519PrivateKey.generate()
+        self.root = root or Ed25519PrivateKey.generate()
+        self.signer = signer or Ed25519PrivateKey.generate()
         self.offers: dict[str, Offer] = {}
         self.sent: Counter[tuple[str, int]] = Counter()
         self.requests: list[update_pb2.ChunkRequest] = []
