@@ -83,12 +83,19 @@
     if (!c || !c.getContext) return;
     var g = c.getContext("2d");
     g.clearRect(0, 0, c.width, c.height);
-    var pts = samples.map(function (m) { return m.p95_ms; }).filter(function (v) {
+    var field = "p95_ms", unit = " ms", label = "p95 latency (ms)";
+    var pts = samples.map(function (m) { return m[field]; }).filter(function (v) {
       return typeof v === "number";
     });
+    if (pts.length < 2) {  // no latency yet (no requests): show the request counter instead
+      field = "requests"; unit = ""; label = "requests (cumulative)";
+      pts = samples.map(function (m) { return m[field]; }).filter(function (v) {
+        return typeof v === "number";
+      });
+    }
     g.fillStyle = "#374151";
     g.font = "12px sans-serif";
-    g.fillText("p95 latency (ms), last " + pts.length + " samples", 8, 14);
+    g.fillText(label + ", last " + pts.length + " samples", 8, 14);
     if (pts.length < 2) return;
     var max = Math.max.apply(null, pts) || 1;
     g.strokeStyle = "#2563eb";
@@ -100,7 +107,7 @@
       if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
     });
     g.stroke();
-    g.fillText(max.toFixed(2) + " ms", c.width - 70, 14);
+    g.fillText(max.toFixed(field === "requests" ? 0 : 2) + unit, c.width - 70, 14);
   }
 
   function refreshDevice() {
