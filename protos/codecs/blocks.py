@@ -135,24 +135,25 @@ class _Aligner:
 
 
 def _plan_blocks(old_m: bytes | mmap.mmap, new_m: bytes | mmap.mmap, *,
-                 block_bytes: int) -> list[tuple[int, int, int, int, bool]]:
-    """(new_off, new_len, old_off, old_len, is_copy) for every block of the target."""
+                 block_bytes: int) -> list[tuple[int, int, int, int, bool, int]]:
+    """(new_off, new_len, old_off, old_len, is_copy, centre) for every block of the target;
+    centre is where the block's first byte is expected in the base."""
     stride = max(256, len(old_m) // (1 << 18))
     aligner = _Aligner(old_m, stride=stride) if len(old_m) else None
     plan = []
     for off in range(0, len(new_m), block_bytes):
         n = min(block_bytes, len(new_m) - off)
         if aligner is None:
-            plan.append((off, n, 0, 0, False))
+            plan.append((off, n, 0, 0, False, 0))
             continue
         disp = aligner.displacement(new_m, off, n)
         centre = off + (disp if disp is not None else 0)
         if 0 <= centre and centre + n <= len(old_m) and old_m[centre:centre + n] == new_m[off:off + n]:
-            plan.append((off, n, centre, n, True))
+            plan.append((off, n, centre, n, True, centre))
             continue
         lo = max(0, min(centre - MARGIN_BYTES, len(old_m)))
         hi = max(lo, min(centre + n + MARGIN_BYTES, len(old_m)))
-        plan.append((off, n, lo, hi - lo, False))
+        plan.append((off, n, lo, hi - lo, False, centre))
     return plan
 
 
@@ -169,12 +170,13 @@ def make_blocks(old: Path | None, new: Path, out_f: BinaryIO, *, time_limit_s: f
     with _mapped(new) as new_m, _mapped(old) as old_m:
         plan = _plan_blocks(old_m, new_m, block_bytes=block_bytes)
     old_s, new_s = str(old) if old is not None else "", str(new)
-    tasks = [(old_s, new_s, o, n, oo, ol, True) for (o, n, oo, ol, copy) in plan if not copy]
+    tasks = [(old_s, new_s, o, n, oo, ol, True) for (o, n, oo, ol, copy, _) in plan if not copy]
+    centres = [c for (*_, copy, c) in plan if not copy]
     methods: Counter[str] = Counter()
     encoded: dict[int, bytes] = {}
     if tasks:
-        encoded = _run_tasks(tasks, deadline=deadline, methods=methods)
-    for (o, n, oo, ol, copy) in plan:
+        encoded = _run_tasks(tasks, centres, deadline=deadline, methods=methods)
+    for (o, n, oo, ol, copy, _) in plan:
         if copy:
             methods["copy"] += 1
             out_f.write(_REC.pack(COPY, n, oo, ol, 0))
@@ -188,7 +190,8 @@ def make_blocks(old: Path | None, new: Path, out_f: BinaryIO, *, time_limit_s: f
 Task = tuple[str, str, int, int, int, int, bool]
 
 
-def _run_tasks(tasks: list[Task], *, deadline: float, methods: Counter[str]) -> dict[int, bytes]:
+def _run_tasks(tasks: list[Task], centres: list[int], *, deadline: float,
+               methods: Counter[str]) -> dict[int, bytes]:
     """Probe bsdiff on two slices, then encode every block (bsdiff only if the probe paid off)."""
     if all(t[3] <= INPROCESS_BYTES for t in tasks):
         out = {}
@@ -198,7 +201,8 @@ def _run_tasks(tasks: list[Task], *, deadline: float, methods: Counter[str]) -> 
             methods[name] += 1
         return out
     with _Workers(min(len(tasks), os.cpu_count() or 1), deadline=deadline) as workers:
-        probes = [_probe_task(tasks[i]) for i in sorted({len(tasks) // 3, 2 * len(tasks) // 3})]
+        probes = [_probe_task(tasks[i], centres[i])
+                  for i in sorted({len(tasks) // 3, 2 * len(tasks) // 3})]
         use_bsdiff = any(name == "bsdiff" for _, name in workers.run(probes))
         done = [t[:6] + (use_bsdiff,) for t in tasks]
         results = workers.run(done)
@@ -208,13 +212,13 @@ def _run_tasks(tasks: list[Task], *, deadline: float, methods: Counter[str]) -> 
     return {t[2]: r[0] for t, r in zip(done, results, strict=True)}
 
 
-def _probe_task(t: Task) -> Task:
+def _probe_task(t: Task, centre: int) -> Task:
     """A PROBE_BYTES slice from the middle of a block, with the matching part of its window:
     bsdiff on it tells cheaply whether bsdiff beats zstd on this pair of files."""
     old_s, new_s, o, n, oo, ol, _ = t
     p = min(n, PROBE_BYTES)
     mid = o + (n - p) // 2
-    disp = (oo + ol // 2) - (o + n // 2)
+    disp = centre - o
     lo = max(oo, min(mid + disp - PROBE_MARGIN_BYTES, oo + ol))
     hi = max(lo, min(mid + disp + p + PROBE_MARGIN_BYTES, oo + ol))
     return (old_s, new_s, mid, p, lo, hi - lo, True)
@@ -230,8 +234,8 @@ class _Workers:
                       for _ in range(max(1, n))]
         self.timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._kill)
         self.timer.daemon = True
-        self.timer.start()
         self.timed_out = False
+        self.timer.start()
 
     def _kill(self) -> None:
         self.timed_out = True
@@ -275,7 +279,7 @@ class _Workers:
             th.start()
         for th in threads:
             th.join()
-        if self.timed_out:
+        if self.timed_out or time.monotonic() >= self.deadline:
             raise GiveUp("bsdiff4 block delta ran past its time limit", reason="timeout")
         if errors:
             raise GiveUp(f"bsdiff4 block worker failed: {errors[0]}", reason="worker_failed")
@@ -288,7 +292,10 @@ class _Workers:
         self.timer.cancel()
         for p in self.procs:
             if p.stdin:
-                p.stdin.close()
+                try:
+                    p.stdin.close()
+                except OSError:  # worker already killed at the deadline
+                    pass
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
