@@ -39,7 +39,7 @@ from protos.edgefleet.v1 import common_pb2, update_pb2
 DEVICE_ID = "arm64-board-1"
 DEVICE_CLASS = "cpu-arm64"
 MODEL = "digits"
-CHUNK_BYTES = 16 * 1024
+CHUNK_BYTES = 4 * 1024  # several chunks per model: exercises the chunked download
 N_SAMPLES = 32
 # float32 CNN on different SIMD kernels (AVX2/AVX-512 here, NEON there): sums are reordered,
 # so allow a few ulps of the logits' magnitude, never more.
