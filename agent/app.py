@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError
 from agent.mqtt import MqttLink
 from agent.telemetry.heartbeat import HeartbeatBuilder, device_facts
 from agent.trust_store import TrustStore
@@ -60,6 +60,8 @@ class Agent:
         self.server: Any = None
         self.heartbeats: HeartbeatBuilder | None = None
         self._metrics_tick: Any = None
+        self.thermal: Any = None
+        self.collector: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.desired_generation = 0
@@ -70,19 +72,20 @@ class Agent:
         log.info("device %s: serving %d committed model(s) before connecting: %s",
                  self.cfg.device_id, len(loaded),
                  ", ".join(f"{i.key} v{i.version}" for i in loaded) or "none")
+        self.thermal = self._make_thermal()
+        self._metrics_tick = self._make_metrics_tick()
         serve_url = ""
         if self.cfg.serve.enabled:
             from agent.serve import start_server
 
             self.server = start_server(self.registry, host=self.cfg.serve.host,
-                                       port=self.cfg.serve.port)
+                                       port=self.cfg.serve.port, metrics=self.collector)
             serve_url = self.server.url
             log.info("device %s: inference API on %s", self.cfg.device_id, serve_url)
         self.heartbeats = HeartbeatBuilder(
             device_id=self.cfg.device_id, device_class=self.cfg.device_class,
             facts=device_facts(), served=self._served, progress=self.updates.progress,
-            serve_url=serve_url)
-        self._metrics_tick = self._make_metrics_tick()
+            health=self._health, serve_url=serve_url)
         self.updates.start()
         self.link.start()
         self._thread = threading.Thread(target=self._loop, name="agent-telemetry", daemon=True)
@@ -152,28 +155,34 @@ class Agent:
         return self._publish(topics.device_topic(self.cfg.device_id, topics.HEARTBEAT),
                              hb.SerializeToString(), qos=0)
 
+    def _make_thermal(self) -> Any:
+        from agent.telemetry.thermal import ThermalConfig, ThermalPolicy
+
+        try:
+            tcfg = ThermalConfig(**self.cfg.thermal)
+            tcfg.validate()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"thermal: {e}") from e
+        return ThermalPolicy(tcfg, registry=self.registry) if tcfg.enabled else None
+
+    def _health(self) -> tuple[str, str]:
+        return self.thermal.health() if self.thermal is not None else ("ok", "")
+
     def _make_metrics_tick(self) -> Any:
-        from agent.telemetry.metrics import MetricsCollector
+        from agent.telemetry.buffer import OfflineBuffer
+        from agent.telemetry.host import HostReader
+        from agent.telemetry.metrics import MetricsCollector, MetricsPublisher
 
         dev = self.cfg.device_id
         topic = topics.device_topic(dev, topics.METRICS)
-        try:
-            from agent.telemetry.buffer import OfflineBuffer
-            from agent.telemetry.metrics import MetricsPublisher  # type: ignore[attr-defined]
-        except ImportError:
-            collector = MetricsCollector(self.registry)
-            return lambda: self._publish(topic, collector.snapshot(dev).SerializeToString(),
-                                         qos=0)
         host_reader = None
         try:
-            from agent.telemetry.host import HostReader  # type: ignore[attr-defined]
-
             host_reader = HostReader()
         except Exception as e:  # host readings are optional
-            log.debug("host readings unavailable: %s", e)
-        collector = MetricsCollector(self.registry, host=host_reader)
-        buffer = OfflineBuffer(self.cfg.data_path / "telemetry")  # type: ignore[call-arg]
-        pub = MetricsPublisher(collector, buffer,
+            log.warning("host readings unavailable: %s", e)
+        self.collector = MetricsCollector(self.registry, host=host_reader)
+        buffer = OfflineBuffer(self.cfg.data_path / "telemetry")
+        pub = MetricsPublisher(self.collector, buffer,
                                lambda payload: self._publish(topic, payload, qos=1),
                                device_id=dev)
         return pub.tick
@@ -181,9 +190,13 @@ class Agent:
     def _loop(self) -> None:
         next_hb = time.monotonic() + self.cfg.heartbeat_interval_s
         next_metrics = time.monotonic() + self.cfg.metrics_interval_s
+        next_thermal = time.monotonic()
         while not self._stop.wait(0.1):
             now = time.monotonic()
             try:
+                if self.thermal is not None and now >= next_thermal:
+                    next_thermal = now + self.thermal.config.interval_s
+                    self.thermal.evaluate()
                 if now >= next_hb:
                     next_hb = now + self.cfg.heartbeat_interval_s
                     self.send_heartbeat()

@@ -97,6 +97,8 @@ class AgentConfig:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     labels: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
+    # thermal policy thresholds (agent.telemetry.thermal.ThermalConfig fields); {} = defaults
+    thermal: dict[str, Any] = field(default_factory=dict)
 
     @property
     def data_path(self) -> Path:
@@ -142,6 +144,8 @@ def _build(cls: Any, data: Any, where: str) -> Any:
             raise ConfigError(f"{sub} must be an integer")
         elif f.type in ("float",) and not isinstance(value, (int, float)):
             raise ConfigError(f"{sub} must be a number")
+        elif f.type == "dict[str, Any]" and not isinstance(value, dict):
+            raise ConfigError(f"{sub} must be a mapping")
         elif f.type == "dict[str, str]":
             if not isinstance(value, dict):
                 raise ConfigError(f"{sub} must be a mapping")

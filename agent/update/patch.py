@@ -1,7 +1,8 @@
 """Rebuild the target engine from a downloaded payload (full artifact or delta).
 
-``full`` payloads are copied; deltas go through :func:`protos.codecs.apply` (bsdiff4,
-tensor-xor) against the base engine held in a slot. Either way the output's size and sha256
+``full`` payloads that are the raw engine are copied; deltas (bsdiff4, tensor-xor) and
+zstd-compressed full payloads (``EFDL`` container) go through :func:`protos.codecs.apply`
+against the base engine held in a slot. Either way the output's size and sha256
 are checked against the signed manifest before the caller renames it into a slot.
 Called by :mod:`agent.update.manager` in state PATCHING.
 """
@@ -16,14 +17,17 @@ from agent.update.atomic import READ_BLOCK_BYTES, sha256_file
 from agent.update.verify import VerifiedUpdate
 from protos.errors import EdgefleetError, GiveUp, Rejected
 
+CONTAINER_MAGIC = b"EFDL"  # protos.codecs.container.MAGIC
+
 
 def build_target(vu: VerifiedUpdate, payload: Path, *, out: Path, base: Path | None) -> None:
     """Write the target engine of ``vu`` to ``out`` (fsynced); Rejected on any mismatch."""
     m = vu.manifest
-    if m.codec == "full":
+    if m.codec == "full" and not _is_container(payload):
+        # the controller ships a full engine as the raw file (payload == target)
         _copy_checked(payload, out, limit=m.target_size)
     else:
-        if base is None:
+        if base is None and m.codec != "full":
             raise Rejected(f"delta base {m.base_sha256[:12]} is not on this device",
                            reason="missing_base")
         try:
@@ -48,6 +52,12 @@ def build_target(vu: VerifiedUpdate, payload: Path, *, out: Path, base: Path | N
     if sha256_file(out) != m.target_sha256:
         raise Rejected("patched engine sha256 does not match the manifest target_sha256",
                        reason="target_hash_mismatch")
+
+
+def _is_container(payload: Path) -> bool:
+    """True when ``payload`` is a protos.codecs delta file (``EFDL`` header, e.g. zstd full)."""
+    with open(payload, "rb") as f:
+        return f.read(len(CONTAINER_MAGIC)) == CONTAINER_MAGIC
 
 
 def _copy_checked(src: Path, dst: Path, *, limit: int) -> None:

@@ -115,3 +115,24 @@ def test_agent_rolls_back_when_new_engine_fails_smoke_check(tmp_path: Path, mosq
         assert infer(agent.server.url, "affine", ZERO) == [3.0, 3.0, 3.0]
     finally:
         agent.stop()
+
+
+@pytest.mark.parametrize("codec", ["bsdiff4", "tensor-xor", "full"])
+def test_agent_applies_codec_payload_from_protos_codecs(tmp_path: Path, mosquitto: Broker,
+                                                        driver: OtaDriver, codec: str) -> None:
+    codecs = pytest.importorskip("protos.codecs")
+    agent = start_agent(tmp_path, mosquitto, driver)
+    try:
+        v1 = build_affine(tmp_path / "v1.onnx", marker=1.0)
+        o1 = driver.offer("affine", 1, v1.read_bytes())
+        driver.wait_status(o1.update_id, S.UPDATE_STATE_COMMITTED)
+        v2 = build_affine(tmp_path / "v2.onnx", marker=2.0)
+        delta = tmp_path / f"v1-v2.{codec}"
+        codecs.make(codec, v1 if codec != "full" else None, v2, delta)
+        o2 = driver.offer("affine", 2, delta.read_bytes(), codec=codec, target=v2.read_bytes(),
+                          base_sha256=sha256(v1.read_bytes()) if codec != "full" else "")
+        driver.wait_status(o2.update_id, S.UPDATE_STATE_COMMITTED)
+        assert infer(agent.server.url, "affine", ZERO) == [2.0, 2.0, 2.0]
+        assert agent.slots.active("affine").sha256 == sha256(v2.read_bytes())
+    finally:
+        agent.stop()
