@@ -108,14 +108,12 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 def _cmd_delta(args: argparse.Namespace) -> int:
     from protos.codecs import cli as codecs_cli
 
+    old = None if args.old == "-" else Path(args.old)
     if args.action == "make":
-        info: Any = codecs_cli.delta_make(Path(args.old), Path(args.new), Path(args.out))
+        info: Any = codecs_cli.delta_make(old, Path(args.new), Path(args.out))
     else:
-        if not args.expected_sha256:
-            print("error: delta apply needs --expected-sha256", file=sys.stderr)
-            return 2
-        info = codecs_cli.delta_apply(Path(args.old), Path(args.new), Path(args.out),
-                                      expected_sha256=args.expected_sha256)
+        info = codecs_cli.delta_apply(old, Path(args.new), Path(args.out),
+                                      expected_sha256=args.expected_sha256 or None)
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -183,10 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("delta", help="make or apply an OTA delta")
     de.add_argument("action", choices=["make", "apply"])
-    de.add_argument("old", help="base file")
+    de.add_argument("old", help="base file ('-' for none: a full artifact)")
     de.add_argument("new", help="make: target file; apply: the delta")
     de.add_argument("out")
-    de.add_argument("--expected-sha256", default="")
+    de.add_argument("--expected-sha256", default="",
+                    help="apply: refuse a delta made for another target")
     de.set_defaults(func=_cmd_delta)
 
     c = sub.add_parser("compile", help="compile a model for a device class (see compile --help)",

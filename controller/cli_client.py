@@ -109,8 +109,9 @@ def upload_local_files(c: httpx.Client, loaded: list[Any], *, out: TextIO) -> No
                   f"sha256 {info['sha256'][:12]})", file=out)
 
 
-def apply(server: str, path: Path, *, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
+def apply(server: str, path: Path, *, out: TextIO | None = None) -> list[dict[str, Any]]:
     """`edgefleet apply -f PATH`: validate, upload files, post documents; print results."""
+    out = out or sys.stdout
     loaded = load_and_validate(path)
     with client(server) as c:
         upload_local_files(c, loaded, out=out)
@@ -126,7 +127,8 @@ def apply(server: str, path: Path, *, out: TextIO = sys.stdout) -> list[dict[str
 
 
 def delete(server: str, kind: str, name: str, *, namespace: str = "default",
-           out: TextIO = sys.stdout) -> dict[str, Any]:
+           out: TextIO | None = None) -> dict[str, Any]:
+    out = out or sys.stdout
     with client(server) as c:
         resp = c.delete(f"/api/v1/{kind}/{namespace}/{name}")
         _raise_for(resp)
@@ -194,8 +196,9 @@ GET_ALIASES = {"device": "devices", "dev": "devices", "model": "models", "edgemo
 
 
 def get(server: str, what: str, *, output: str = "", name: str = "",
-        out: TextIO = sys.stdout) -> Any:
+        out: TextIO | None = None) -> Any:
     """`edgefleet get devices|models|rollouts|events [NAME] [-o json|wide]`."""
+    out = out or sys.stdout
     what = GET_ALIASES.get(what, what)
     if what not in ("devices", "models", "rollouts", "events"):
         raise Rejected(f"unknown resource {what!r}: use devices, models, rollouts or events",
