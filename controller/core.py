@@ -99,7 +99,10 @@ class ControllerCore:
         self.reconcile_count = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, *, reconcile: bool = True) -> None:
+        """Start MQTT, the publisher and (unless ``reconcile=False``: cluster mode, where
+        controller/cluster.py feeds the same reconcile functions from Kubernetes) the loop
+        over the Resource table."""
         if self.settings.compile_in_process_pool:
             self.executor = ProcessPoolExecutor(
                 max_workers=self.settings.compile_workers,
@@ -108,8 +111,10 @@ class ControllerCore:
             self.executor = ThreadPoolExecutor(max_workers=self.settings.compile_workers,
                                                thread_name_prefix="compile")
         self.publisher.start()
-        self._tasks = [asyncio.create_task(self._mqtt_loop(), name="controller-mqtt"),
-                       asyncio.create_task(self._reconcile_loop(), name="controller-reconcile")]
+        self._tasks = [asyncio.create_task(self._mqtt_loop(), name="controller-mqtt")]
+        if reconcile:
+            self._tasks.append(asyncio.create_task(self._reconcile_loop(),
+                                                   name="controller-reconcile"))
 
     async def stop(self) -> None:
         tasks = self._tasks + list(self._running.values())

@@ -96,6 +96,7 @@ class ClusterSource:
         backoff_base_s: float = 0.2,
         backoff_max_s: float = 30.0,
         component: str = "edgefleet-controller",
+        level_kinds: tuple[str, ...] = (),
     ) -> None:
         from kubernetes import client
 
@@ -110,6 +111,9 @@ class ClusterSource:
         self.resync_s = resync_s
         self.watch_timeout_s = watch_timeout_s
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        # kinds that depend on state outside Kubernetes (EdgeRollout: the fleet) are never
+        # "settled": they are reconciled again every progress_requeue_s even when Ready
+        self.level_kinds = frozenset(level_kinds)
         self.cache: dict[Key, dict[str, Any]] = {}
         self.stats: Counter[str] = Counter()
         self._heap: list[tuple[float, Key]] = []
@@ -277,7 +281,7 @@ class ClusterSource:
         assert self.resync_s
         while not self._stop.wait(self.resync_s):
             for key, obj in list(self.cache.items()):
-                if not is_settled(obj):
+                if not self._settled(key[0], obj):
                     self.enqueue(key)
 
     # ------------------------------------------------------------ reconcile
@@ -342,7 +346,7 @@ class ClusterSource:
                 return None  # conflict: the watch brings the newer object
             obj = stored
             self.cache[self._key(kind, obj)] = obj
-        if is_settled(obj):
+        if self._settled(kind, obj):
             self.stats["skipped_settled"] += 1
             return None
         old = obj.get("status")
@@ -374,4 +378,7 @@ class ClusterSource:
                                   reason=c.get("reason") or c["type"],
                                   message=f"{c['type']}={c['status']}: {c.get('message', '')}")
         settled_obj = dict(obj, status=merged)
-        return None if is_settled(settled_obj) else self.progress_requeue_s
+        return None if self._settled(kind, settled_obj) else self.progress_requeue_s
+
+    def _settled(self, kind: str, obj: dict[str, Any]) -> bool:
+        return kind not in self.level_kinds and is_settled(obj)
