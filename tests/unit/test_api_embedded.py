@@ -10,6 +10,7 @@ import asyncio
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import paho.mqtt.client as mqtt
@@ -20,15 +21,24 @@ from controller.embedded import EmbeddedController, EmbeddedOptions
 from tests.helpers.broker import mosquitto_path
 
 
-def _roundtrip(host: str, port: int, *, protocol: int) -> bytes:
+def _roundtrip(host: str, port: int, *, protocol: mqtt.MQTTProtocolVersion) -> bytes:
     """Subscribe, publish one message to ourselves, return what arrived (blocking)."""
     got: list[bytes] = []
     done = threading.Event()
     subscribed = threading.Event()
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
-    c.on_message = lambda _c, _u, msg: (got.append(msg.payload), done.set())
-    c.on_subscribe = lambda *_a: subscribed.set()
-    c.on_connect = lambda cl, *_a: cl.subscribe("edgefleet/test", qos=1)
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        got.append(msg.payload)
+        done.set()
+
+    def on_subscribe(*_a: Any) -> None:
+        subscribed.set()
+
+    def on_connect(cl: Any, *_a: Any) -> None:
+        cl.subscribe("edgefleet/test", qos=1)
+
+    c.on_message, c.on_subscribe, c.on_connect = on_message, on_subscribe, on_connect
     c.connect(host, port)
     c.loop_start()
     try:
