@@ -27,8 +27,10 @@ from typing import Any
 import httpx
 import numpy as np
 
+from controller.cli_client import ServerError
 from controller.demo_agents import AgentProcess, infer, local_device_class, write_agent_config
 from controller.embedded import EmbeddedController, EmbeddedOptions
+from protos.errors import EdgefleetError
 
 log = logging.getLogger("edgefleet.demo")
 
@@ -182,8 +184,6 @@ def fresh_data_dir(path: Path) -> Path:
 
 
 async def run_demo_async(opts: DemoOptions) -> int:
-    from controller.cli_client import apply
-
     try:
         data_dir = fresh_data_dir(opts.data_dir)
     except RuntimeError as e:
@@ -202,44 +202,62 @@ async def run_demo_async(opts: DemoOptions) -> int:
     started = time.monotonic()
     deadline = started + opts.timeout_s
     await ctrl.start()
+    flow = asyncio.create_task(_flow(ctrl, agents, opts, version=version, deadline=deadline))
+    stopper = asyncio.create_task(stop.wait())
     try:
-        assert ctrl.broker is not None and ctrl.keys is not None
-        say(f"controller up: dashboard {ctrl.url}, MQTT broker {ctrl.broker.kind} at "
-            f"{ctrl.broker.url}, data {ctrl.data_dir}")
-        dclass = local_device_class()
-        for i in range(1, opts.agents + 1):
-            a = write_agent_config(ctrl.data_dir / "agents", f"demo-{i}", device_class=dclass,
-                                   mqtt_host=ctrl.broker.host, mqtt_port=ctrl.broker.port,
-                                   root_public_key_b64=ctrl.keys.root_public_b64())
-            a.start()
-            agents.append(a)
-        say(f"started {len(agents)} agents ({dclass}): "
-            + ", ".join(f"{a.device_id} serve {a.serve_url}" for a in agents))
-        async with httpx.AsyncClient(base_url=ctrl.url, timeout=30) as api:
-            await wait_devices_online(api, agents, deadline=deadline)
-            say(f"{len(agents)}/{len(agents)} agents online")
-            applied_at = time.monotonic()
-            for folder in (DEVICE_CLASSES, opts.examples):
-                if folder.is_dir():
-                    say(f"edgefleet apply -f {folder}")
-                    await asyncio.to_thread(apply, ctrl.url, folder, out=sys.stdout)
-            elapsed = await watch_rollout(api, agents, version=version, applied_at=applied_at,
-                                          deadline=deadline)
-        say(f"{len(agents)}/{len(agents)} serving {MODEL_NAME}@{version}: "
-            f"{elapsed:.1f} s from apply to all serving")
-        await infer_each(agents)
-        say(f"dashboard: {ctrl.url}/")
+        await asyncio.wait({flow, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not flow.done():
+            say("interrupted; stopping")
+            flow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flow
+            return 130
+        flow.result()
         if not opts.exit_when_ready:
             say("running; Ctrl-C to stop")
             await stop.wait()
         return 0
-    except (TimeoutError, RuntimeError) as e:
+    except (TimeoutError, RuntimeError, EdgefleetError, ServerError, httpx.HTTPError) as e:
         say(f"FAILED: {e}")
         return 1
     finally:
+        stopper.cancel()
         for a in agents:
             a.stop()
         await ctrl.stop()
+
+
+async def _flow(ctrl: EmbeddedController, agents: list[AgentProcess], opts: DemoOptions, *,
+                version: int, deadline: float) -> None:
+    """Agents up, apply, watch until all serve, one inference each (raises on failure)."""
+    from controller.cli_client import apply
+
+    assert ctrl.broker is not None and ctrl.keys is not None
+    say(f"controller up: dashboard {ctrl.url}, MQTT broker {ctrl.broker.kind} at "
+        f"{ctrl.broker.url}, data {ctrl.data_dir}")
+    dclass = local_device_class()
+    for i in range(1, opts.agents + 1):
+        a = write_agent_config(ctrl.data_dir / "agents", f"demo-{i}", device_class=dclass,
+                               mqtt_host=ctrl.broker.host, mqtt_port=ctrl.broker.port,
+                               root_public_key_b64=ctrl.keys.root_public_b64())
+        a.start()
+        agents.append(a)
+    say(f"started {len(agents)} agents ({dclass}): "
+        + ", ".join(f"{a.device_id} serve {a.serve_url}" for a in agents))
+    async with httpx.AsyncClient(base_url=ctrl.url, timeout=30) as api:
+        await wait_devices_online(api, agents, deadline=deadline)
+        say(f"{len(agents)}/{len(agents)} agents online")
+        applied_at = time.monotonic()
+        for folder in (DEVICE_CLASSES, opts.examples):
+            if folder.is_dir():
+                say(f"edgefleet apply -f {folder}")
+                await asyncio.to_thread(apply, ctrl.url, folder, out=sys.stdout)
+        elapsed = await watch_rollout(api, agents, version=version, applied_at=applied_at,
+                                      deadline=deadline)
+    say(f"{len(agents)}/{len(agents)} serving {MODEL_NAME}@{version}: "
+        f"{elapsed:.1f} s from apply to all serving")
+    await infer_each(agents)
+    say(f"dashboard: {ctrl.url}/")
 
 
 def run_demo(opts: DemoOptions) -> int:
