@@ -92,6 +92,31 @@ def parse_documents(body: bytes, content_type: str) -> list[dict[str, Any]]:
     return flat
 
 
+def _file_refs(doc: dict[str, Any]) -> list[tuple[str, Any]]:
+    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+    refs: list[tuple[str, Any]] = [("spec.source", spec.get("source"))]
+    validation = spec.get("validation") if isinstance(spec.get("validation"), dict) else {}
+    refs.append(("spec.validation.samples", validation.get("samples")))
+    for i, v in enumerate(spec.get("variants") or []):
+        if isinstance(v, dict):
+            refs.append((f"spec.variants[{i}].source", v.get("source")))
+    return refs
+
+
+def refuse_server_paths(doc: dict[str, Any]) -> None:
+    """Over HTTP a ``path`` would name a file on the controller's disk: refuse it unless the
+    content is pinned by sha256 (`edgefleet apply` uploads local files and pins them)."""
+    if doc.get("kind") != "EdgeModel":
+        return
+    name = (doc.get("metadata") or {}).get("name", "")
+    for where, ref in _file_refs(doc):
+        if isinstance(ref, dict) and ref.get("path") and not ref.get("sha256"):
+            raise Rejected(f"EdgeModel {name}: {where}.path {str(ref['path'])[:200]!r}: the "
+                           "server does not read local paths; upload the file "
+                           "(POST /api/v1/artifacts, or `edgefleet apply` does it) and set "
+                           f"{where}.sha256", reason="invalid_resource")
+
+
 def validate_documents(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Schema defaults + validation with controller.crd.schema (raises Rejected naming the field)."""
     from controller.crd import schema
@@ -100,6 +125,7 @@ def validate_documents(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for d in docs:
         full = schema.with_defaults(d)
         schema.validate(full)
+        refuse_server_paths(full)
         out.append(full)
     return out
 

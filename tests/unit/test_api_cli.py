@@ -137,12 +137,14 @@ def test_push_and_upload_limit(server: tuple[str, ControllerCore], tmp_path: Pat
     assert r.status_code == 413
 
 
-def test_api_apply_rejected_by_core_is_422(server: tuple[str, ControllerCore]) -> None:
-    url, _ = server
+def test_api_refuses_server_side_paths(server: tuple[str, ControllerCore]) -> None:
+    url, core = server
     doc = yaml.safe_load(MODEL_YAML)
-    doc["spec"]["source"] = {"path": "/definitely/not/here.onnx"}
+    doc["spec"]["source"] = {"path": "/etc/hostname"}      # a file that exists on the server
     r = httpx.post(f"{url}/api/v1/apply", json=[doc])
-    assert r.status_code == 422 and "here.onnx" in r.json()["detail"]
+    assert r.status_code == 422
+    assert "spec.source.path" in r.json()["detail"] and "sha256" in r.json()["detail"]
+    assert core.list() == []
 
 
 def test_unreachable_server_is_one_error_line(tmp_path: Path,
