@@ -93,9 +93,11 @@ def parse_documents(body: bytes, content_type: str) -> list[dict[str, Any]]:
 
 
 def _file_refs(doc: dict[str, Any]) -> list[tuple[str, Any]]:
-    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+    raw_spec = doc.get("spec")
+    spec: dict[str, Any] = raw_spec if isinstance(raw_spec, dict) else {}
     refs: list[tuple[str, Any]] = [("spec.source", spec.get("source"))]
-    validation = spec.get("validation") if isinstance(spec.get("validation"), dict) else {}
+    raw_val = spec.get("validation")
+    validation: dict[str, Any] = raw_val if isinstance(raw_val, dict) else {}
     refs.append(("spec.validation.samples", validation.get("samples")))
     for i, v in enumerate(spec.get("variants") or []):
         if isinstance(v, dict):
