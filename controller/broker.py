@@ -4,8 +4,9 @@ Called by controller/embedded.py. Prefers Mosquitto (MQTT 5, what production use
 config into the data folder (listener on a loopback or configured port, anonymous access,
 persistence in the data folder) and runs it as a child process. When Mosquitto is not
 installed it falls back to the embedded Python broker amqtt, which runs in the caller's asyncio
-loop. amqtt speaks MQTT 3.1.1 only, so MQTT 5 clients (the controller and agents) may be refused
-by it: the log says so clearly, and the fix is `apt-get install mosquitto`.
+loop. amqtt (0.12) speaks MQTT 3.1.1 only and answers an MQTT 5 CONNECT with "Unsupported
+protocol version", so the controller and the agents (both MQTT 5) cannot use it: it is there
+for MQTT 3.1.1 tools, the log says so loudly, and the fix is `apt-get install mosquitto`.
 
 A broker given by URL (``mqtt://host:port``) is used as is and nothing is started.
 """
@@ -173,6 +174,7 @@ async def _start_amqtt(*, host: str, port: int) -> BrokerHandle:
     await broker.start()
     await wait_port(host, port)
     log.warning("broker: embedded amqtt (Python, MQTT 3.1.1 only) on %s:%d because mosquitto is "
-                "not installed; MQTT 5 clients may be refused: apt-get install mosquitto",
-                host, port)
+                "not installed. The controller and agents speak MQTT 5, which amqtt refuses "
+                "('Unsupported protocol version'): apt-get install mosquitto, or pass "
+                "--broker-url of an MQTT 5 broker", host, port)
     return BrokerHandle("amqtt", host, port, _amqtt=broker)
