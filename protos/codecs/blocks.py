@@ -163,9 +163,10 @@ def make_blocks(old: Path | None, new: Path, out_f: BinaryIO, *, time_limit_s: f
     deadline = time.monotonic() + time_limit_s
     new_size = new.stat().st_size
     old_size = old.stat().st_size if old is not None else 0
-    header = Header(codec="bsdiff4", target_size=new_size, target_sha256=file_sha256(new),
-                    base_size=old_size,
-                    base_sha256=file_sha256(old) if old is not None and old_size else None)
+    base_sha = file_sha256(old, memo=True) if old is not None and old_size else None
+    header = Header(codec="bsdiff4", target_size=new_size,
+                    target_sha256=file_sha256(new, memo=True), base_size=old_size,
+                    base_sha256=base_sha)
     out_f.write(header.pack())
     with _mapped(new) as new_m, _mapped(old) as old_m:
         plan = _plan_blocks(old_m, new_m, block_bytes=block_bytes)

@@ -20,7 +20,8 @@ from protos.errors import Rejected
 DEFAULT_MAX_OUTPUT_BYTES = 16 << 30
 
 
-def delta_make(old: Path | None, new: Path, out: Path, *, time_limit_s: float = 60.0) -> dict[str, Any]:
+def delta_make(old: Path | None, new: Path, out: Path, *,
+               time_limit_s: float = 60.0) -> dict[str, Any]:
     """Write the smallest delta from ``old`` to ``new`` at ``out``; report every candidate."""
     t0 = time.monotonic()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,8 +68,23 @@ def read_header(f: BinaryIO) -> Header:
                   base_sha256=None if bsha == NO_BASE else bsha.hex())
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 hex of a file, read in chunks."""
+_SHA_MEMO: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_sha256(path: Path, *, memo: bool = False) -> str:
+    """sha256 hex of a file, read in chunks.
+
+    ``memo=True`` (make/plan on the controller, which hash the same inputs several times)
+    reuses a result for the same path, inode, size and mtime; ``apply`` never does.
+    """
+    if memo:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _SHA_MEMO:
+            if len(_SHA_MEMO) > 64:
+                _SHA_MEMO.clear()
+            _SHA_MEMO[key] = file_sha256(path)
+        return _SHA_MEMO[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(READ_CHUNK_BYTES):

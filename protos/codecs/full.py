@@ -17,7 +17,7 @@ from protos.codecs.container import READ_CHUNK_BYTES, AtomicSink, Header, file_s
 
 # Level 19 buys little on float weights and costs a lot of time on large files; above this
 # size we use a faster level (measured in bench/ota_delta.py: < 0.1 % larger on weights).
-SMALL_FILE_BYTES = 8 << 20
+SMALL_FILE_BYTES = 4 << 20
 LEVEL_SMALL = 19
 LEVEL_LARGE = 9
 MAX_WINDOW_BYTES = 1 << 27  # decompressor refuses frames that need a larger window
@@ -30,7 +30,8 @@ def level_for(size: int) -> int:
 def make_full(new: Path, out_f: BinaryIO, *, level: int | None = None) -> Header:
     """Write header + zstd frame of ``new`` to ``out_f`` (positioned after nothing)."""
     size = new.stat().st_size
-    header = Header(codec="full", target_size=size, target_sha256=file_sha256(new),
+    header = Header(codec="full", target_size=size,
+                    target_sha256=file_sha256(new, memo=True),
                     base_size=0, base_sha256=None)
     out_f.write(header.pack())
     cctx = zstandard.ZstdCompressor(level=level if level is not None else level_for(size),

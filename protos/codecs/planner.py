@@ -3,7 +3,8 @@
 Called by controller.ota.planner (once per (base, target) pair; the result is cached and shared
 by every device on that base) and by ``edgefleet delta make`` (:mod:`protos.codecs.cli`).
 ``full`` is always a candidate, so the choice is never larger than the compressed target.
-Candidates run in the order full, tensor-xor, bsdiff4 within one overall time budget;
+Candidates run in the order full, tensor-xor, bsdiff4 within one overall time budget
+(bsdiff4 is skipped when tensor-xor paired at least ``SKIP_BSDIFF_MATCHED`` of the target);
 a candidate that fails, does not apply to the input or runs out of time is recorded with an
 ``error`` and skipped. The chosen delta is applied once to a temp file and checked against
 the target's sha256 before it is returned.
@@ -23,6 +24,10 @@ from protos.codecs.core import CODECS, apply, make
 from protos.errors import EdgefleetError, GiveUp
 
 _ORDER = ("full", "tensor-xor", "bsdiff4")
+# bsdiff4 is not tried when tensor-xor pairs this share of the target's bytes with the base:
+# measured in bench/ota_delta.py it then always lost (head-only, fine-tune, new head), and it
+# is the slowest candidate.
+SKIP_BSDIFF_MATCHED = 0.9
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,8 @@ def plan(old: Path | None, new: Path, out_dir: Path, *, codecs: tuple[str, ...] 
         raise GiveUp(f"unknown delta codecs {sorted(unknown)}", reason="unknown_codec")
     deadline = time.monotonic() + time_limit_s
     out_dir.mkdir(parents=True, exist_ok=True)
-    new_sha = file_sha256(new)
-    old_sha = file_sha256(old) if old is not None else None
+    new_sha = file_sha256(new, memo=True)
+    old_sha = file_sha256(old, memo=True) if old is not None else None
     candidates: dict[str, dict[str, Any]] = {}
     made: dict[str, Path] = {}
     for codec in _ORDER:
@@ -57,6 +62,11 @@ def plan(old: Path | None, new: Path, out_dir: Path, *, codecs: tuple[str, ...] 
             continue
         if codec != "full" and old is None:
             candidates[codec] = {"error": "no_base"}
+            continue
+        matched = candidates.get("tensor-xor", {}).get("matched_bytes", 0)
+        if codec == "bsdiff4" and matched >= SKIP_BSDIFF_MATCHED * new.stat().st_size:
+            candidates[codec] = {"error": "skipped", "detail": f"tensor-xor XORs {matched} of "
+                                 f"{new.stat().st_size} target bytes; bsdiff4 cannot do better"}
             continue
         remaining = deadline - time.monotonic()
         if codec != "full" and remaining <= 0:

@@ -118,8 +118,9 @@ def make_tensorxor(old: Path | None, new: Path, out_f: BinaryIO,
         old_skel_spans = [(s.offset, s.length) for s in old_spans]
         new_skel = _skeleton(nm, [(s.offset, s.length) for s in new_spans])
         old_skel = _skeleton(om, old_skel_spans)
-        header = Header(codec="tensor-xor", target_size=len(nm), target_sha256=file_sha256(new),
-                        base_size=len(om), base_sha256=file_sha256(old))
+        header = Header(codec="tensor-xor", target_size=len(nm),
+                        target_sha256=file_sha256(new, memo=True),
+                        base_size=len(om), base_sha256=file_sha256(old, memo=True))
         out_f.write(header.pack())
         # ops are rewritten below when a matched piece is cheaper as a literal
         data_z = io.BytesIO()
