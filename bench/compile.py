@@ -63,7 +63,7 @@ def bench_digits(work: Path) -> list[dict[str, Any]]:
     val = digits.build_validation_samples(work / "digits-val.npz", n=200)
     acc = AccuracySpec("top1-drop", 0.01)
     rows = []
-    classes = [host_class(), get_device_class("cpu-x86_64"), get_device_class("rk3588"),
+    classes = [host_class(), get_device_class("cpu-x86-64"), get_device_class("rk3588"),
                get_device_class("jetson-orin")]
     for dc in classes:
         for p in ("fp32", "fp16", "int8"):

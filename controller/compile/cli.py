@@ -5,7 +5,7 @@
 compiles in this process (a CLI has no loop to protect), copies the shipped engine to
 ``DIR/<model>.<class>.<precision>.<ext>``, writes ``DIR/<model>.<class>.report.json`` and prints
 the JSON report on stdout; progress and errors go to stderr.
-``--class`` is a built-in class name (cpu-x86_64, cpu-aarch64, jetson-orin, rk3588) or a
+``--class`` is a built-in class name (cpu-x86-64, cpu-aarch64, jetson-orin, rk3588) or a
 DeviceClass YAML/JSON file (``metadata.name`` + ``spec``, as applied with kubectl).
 
 Exit codes: 0 shipped, 1 no precision passed the gate, 2 bad input, 3 toolchain unavailable,

@@ -3,7 +3,7 @@
 ``DeviceClassSpec.from_spec`` reads a DeviceClass resource's ``spec`` (CRD field names:
 engineKind, arch, accelerator, toolchainVersion, isa, budgets {latencyMs, memoryMB});
 ``AccuracySpec.from_spec`` reads an EdgeModel's ``accuracy`` block (metric, budget).
-Built-in classes (cpu-x86_64, cpu-aarch64, jetson-orin, rk3588) are the defaults when no
+Built-in classes (cpu-x86-64, cpu-aarch64, jetson-orin, rk3588) are the defaults when no
 DeviceClass resource overrides them. Used by controller.compile.api, the CLI and reconcilers.
 
 Accuracy budget meaning per metric (all fractions, not percent):
@@ -154,7 +154,7 @@ def _host_arch() -> str:
 
 
 BUILTIN_DEVICE_CLASSES: dict[str, DeviceClassSpec] = {
-    "cpu-x86_64": DeviceClassSpec(name="cpu-x86_64", engine_kind="onnxruntime-cpu",
+    "cpu-x86-64": DeviceClassSpec(name="cpu-x86-64", engine_kind="onnxruntime-cpu",
                                   arch="x86_64", isa=("avx2",)),
     "cpu-aarch64": DeviceClassSpec(name="cpu-aarch64", engine_kind="onnxruntime-cpu",
                                    arch="aarch64", isa=("asimd", "asimddp")),
@@ -167,15 +167,20 @@ BUILTIN_DEVICE_CLASSES: dict[str, DeviceClassSpec] = {
 }
 
 
+# Kubernetes names cannot hold "_": the x86 class is ``cpu-x86-64``; the spelling with the
+# architecture's own name is accepted as an alias on the command line.
+ALIASES = {"cpu-x86_64": "cpu-x86-64"}
+
+
 def get_device_class(name: str) -> DeviceClassSpec:
-    """A built-in device class by name; Rejected if unknown."""
+    """A built-in device class by name (or alias); Rejected if unknown."""
     try:
-        return BUILTIN_DEVICE_CLASSES[name]
+        return BUILTIN_DEVICE_CLASSES[ALIASES.get(name, name)]
     except KeyError:
         raise Rejected(f"unknown device class {name!r}; built-in: "
                        f"{sorted(BUILTIN_DEVICE_CLASSES)}", reason="unknown_device_class") from None
 
 
 def host_device_class() -> DeviceClassSpec:
-    """The built-in CPU class matching this machine (cpu-x86_64 or cpu-aarch64)."""
-    return get_device_class("cpu-aarch64" if _host_arch() == "aarch64" else "cpu-x86_64")
+    """The built-in CPU class matching this machine (cpu-x86-64 or cpu-aarch64)."""
+    return get_device_class("cpu-aarch64" if _host_arch() == "aarch64" else "cpu-x86-64")

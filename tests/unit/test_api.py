@@ -48,7 +48,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[TestClient, Ingest, ReadOnlyCore]]:
 
 
 def heartbeat(dev: str, *, version: int = 3, health: str = "ok") -> bytes:
-    hb = device_pb2.Heartbeat(device_id=dev, device_class="cpu-x86_64", agent_version="0.1.0",
+    hb = device_pb2.Heartbeat(device_id=dev, device_class="cpu-x86-64", agent_version="0.1.0",
                               uptime_s=12, sent_at_ms=int(time.time() * 1000), seq=1,
                               health=health, serve_url="http://127.0.0.1:9001")
     hb.models.add(name="digits", version=version, sha256="ab" * 32, slot="a", active=True,
@@ -145,7 +145,7 @@ spec:
   version: 1
   source: {path: digits.onnx}
   targets:
-    - deviceClass: cpu-x86_64
+    - deviceClass: cpu-x86-64
       precisions: [fp64]
 """
 

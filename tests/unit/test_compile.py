@@ -24,7 +24,7 @@ from controller.compile.deviceclass import (
 from controller.models import digits
 from protos.errors import Rejected
 
-X86 = get_device_class("cpu-x86_64")
+X86 = get_device_class("cpu-x86-64")
 GATE = AccuracySpec(metric="top1-agreement", budget=0.98)
 
 
@@ -93,7 +93,7 @@ def test_int8_ships_for_digits_with_gate(assets: dict[str, Path], tmp_path: Path
     ops = {n.op_type for n in onnx.load(r.engine_path).graph.node}
     assert "DequantizeLinear" in ops or "QLinearConv" in ops, ops
     assert r.notes["quantization"] == "static-qdq"
-    assert r.notes["reduce_range"] is True  # cpu-x86_64 default isa has no VNNI
+    assert r.notes["reduce_range"] is True  # cpu-x86-64 default isa has no VNNI
     assert r.fingerprint["precision"] == "int8"
 
 
@@ -159,7 +159,7 @@ def test_device_class_and_accuracy_from_crd_spec() -> None:
                                    name="my-rk")
     assert dc.engine_kind == "rknn" and dc.isa == ("neon",) and dc.latency_budget_ms == 30.0
     assert DeviceClassSpec.from_spec(dc.to_spec(), name="my-rk") == dc
-    assert set(BUILTIN_DEVICE_CLASSES) >= {"cpu-x86_64", "cpu-aarch64", "jetson-orin", "rk3588"}
+    assert set(BUILTIN_DEVICE_CLASSES) >= {"cpu-x86-64", "cpu-aarch64", "jetson-orin", "rk3588"}
     with pytest.raises(Rejected, match="engineKind"):
         DeviceClassSpec.from_spec({"engineKind": "cuda-magic"}, name="x")
     acc = AccuracySpec.from_spec({"metric": "top1-drop", "budget": 0.01})

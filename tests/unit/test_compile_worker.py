@@ -16,7 +16,7 @@ from controller.compile.worker import compile_async, compile_in_subprocess
 from controller.models import digits
 from protos.errors import BackendUnavailable, Rejected
 
-X86 = get_device_class("cpu-x86_64")
+X86 = get_device_class("cpu-x86-64")
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +87,21 @@ async def test_compile_async_does_not_block_the_loop(assets: dict[str, Path],
 
 def test_cli_writes_engine_and_report(assets: dict[str, Path], tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    rc = run_compile_command([str(assets["cnn"]), "--class", "cpu-x86_64", "--precision",
+    rc = run_compile_command([str(assets["cnn"]), "--class", "cpu-x86-64", "--precision",
                               "int8,fp32", "--validation", str(assets["val"]), "--out",
                               str(tmp_path / "out"), "--quiet"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     engine = Path(report["engine_path"])
-    assert engine.parent == tmp_path / "out" and engine.name == "cnn.cpu-x86_64.int8.onnx"
-    assert (tmp_path / "out" / "cnn.cpu-x86_64.report.json").is_file()
+    assert engine.parent == tmp_path / "out" and engine.name == "cnn.cpu-x86-64.int8.onnx"
+    assert (tmp_path / "out" / "cnn.cpu-x86-64.report.json").is_file()
     x = np.load(assets["val"])["inputs"]
     assert ort.InferenceSession(str(engine)).run(None, {"input": x})[0].shape == (60, 10)
 
 
 def test_cli_exit_codes(assets: dict[str, Path], tmp_path: Path,
                         capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_compile_command([str(assets["hostile"]), "--class", "cpu-x86_64", "--precision",
+    assert run_compile_command([str(assets["hostile"]), "--class", "cpu-x86-64", "--precision",
                                 "int8", "--validation", str(assets["val"]), "--out",
                                 str(tmp_path), "--quiet"]) == 1
     assert "int8" in capsys.readouterr().out
