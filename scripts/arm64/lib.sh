@@ -34,7 +34,7 @@ arm64_check_machine() {
         echo "not root (mounting binfmt_misc, debootstrap and chroot need root)"; return 1
     fi
     if [ "$(uname -m)" = aarch64 ]; then
-        return 0  # native arm64: nothing to emulate
+        return 0  # native arm64: nothing to emulate (the chroot still isolates the install)
     fi
     local qemu=/usr/bin/qemu-aarch64-static
     if [ ! -x "$qemu" ]; then
@@ -45,6 +45,9 @@ arm64_check_machine() {
             echo "$tool missing (apt-get install debootstrap zstd util-linux coreutils)"; return 1
         fi
     done
+    if ! unshare --mount --propagation private true 2>/dev/null; then
+        echo "cannot create a private mount namespace (container without CAP_SYS_ADMIN?)"; return 1
+    fi
     local bm=/proc/sys/fs/binfmt_misc
     if [ ! -e "$bm/register" ]; then
         if ! mount -t binfmt_misc binfmt_misc "$bm" 2>/dev/null; then
@@ -140,4 +143,33 @@ arm64_umount_all() {
     for m in $(awk -v r="$root" '$2 == r || index($2, r "/") == 1 {print $2}' /proc/self/mounts | sort -r); do
         umount -l "$m" 2>/dev/null || true
     done
+}
+
+# Remove what earlier runs left behind: rootfs tarballs of other recipes, and work folders
+# older than an hour with nothing mounted under them (a run killed with SIGKILL).
+arm64_prune_cache() {
+    local keep="$1" f d
+    for f in "$ARM64_CACHE"/rootfs-*.tar.zst; do
+        [ -e "$f" ] && [ "$f" != "$keep" ] && rm -f "$f" && arm64_log "pruned old rootfs $f"
+    done
+    for d in $(find "$ARM64_CACHE" -maxdepth 1 -type d \( -name 'run.*' -o -name 'build.*' \) -mmin +60 2>/dev/null); do
+        if ! awk -v r="$d" 'index($2, r) == 1 {f = 1} END {exit !f}' /proc/self/mounts; then
+            rm -rf "$d"
+        fi
+    done
+}
+
+# Copy the working tree (tracked + untracked, not ignored files; the whole tree minus build
+# outputs when this is not a git checkout) into folder $1.
+arm64_copy_tree() {
+    local dest="$1"
+    mkdir -p "$dest"
+    if git -C "$ARM64_REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git -C "$ARM64_REPO" ls-files -co --exclude-standard -z \
+            | (cd "$ARM64_REPO" && xargs -0 -r sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' _) \
+            | tar -C "$ARM64_REPO" --null -T - -cf - | tar -C "$dest" -xf -
+    else
+        tar -C "$ARM64_REPO" --exclude=.git --exclude=.venv --exclude=build --exclude='*.egg-info' \
+            --exclude=__pycache__ -cf - . | tar -C "$dest" -xf -
+    fi
 }

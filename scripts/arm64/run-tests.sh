@@ -8,7 +8,8 @@
 #   2. restore the cached arm64 rootfs tarball (build-rootfs.sh builds it once per recipe);
 #   3. build the fixtures on the host (x86_64): models, inputs, onnxruntime reference outputs,
 #      root-signed key list, signed offers, delta (tests/arm64/prepare_fixtures.py);
-#   4. copy the working tree into the rootfs and `pip install "<tree>[agent]"` there;
+#   4. copy the working tree into the rootfs, build its wheel, `pip install "<wheel>[agent]"`
+#      there (dependencies resolved on arm64: already in the cached venv, else from PyPI);
 #   5. start Mosquitto on the host on a free port (the chroot shares the host network);
 #   6. run pytest on tests/arm64 inside the chroot (the tests compare with the x86_64 outputs);
 #   7. unmount and clean up on every exit path (private mount namespace + trap).
@@ -37,6 +38,7 @@ if [ ! -x "$mosquitto_bin" ]; then
 fi
 
 tarball="$(bash "$ARM64_HERE/build-rootfs.sh" | tail -1)"
+arm64_prune_cache "$tarball"
 
 mkdir -p "$ARM64_CACHE"
 work="$(mktemp -d "$ARM64_CACHE/run.XXXXXX")"
@@ -76,10 +78,13 @@ mkdir -p "$root/srv/fixtures" "$root/srv/results"
 "$host_python" -m tests.arm64.prepare_fixtures "$root/srv/fixtures"
 
 # The working tree as a board would get it (tracked + untracked, not ignored files).
-mkdir -p "$root/srv/src" "$root/srv/t"
-git -C "$ARM64_REPO" ls-files -co --exclude-standard -z \
-    | tar -C "$ARM64_REPO" --null -T - -cf - 2>/dev/null \
-    | tar -C "$root/srv/src" -xf -
+arm64_copy_tree "$root/srv/src"
+mkdir -p "$root/srv/t"
+# The wheel is built on the host (pure Python, py3-none-any: the same file PyPI would serve);
+# building it under qemu took ~4x longer. Its install and all dependencies happen on arm64.
+"$host_python" -m pip wheel --quiet --no-deps --no-build-isolation --isolated \
+    -w "$root/srv/dist" "$root/srv/src" >"$work/wheel.log" 2>&1 || { cat "$work/wheel.log" >&2; exit 2; }
+rm -rf "$root/srv/src/build"
 # The tests run from a separate folder, so `import agent` / `import protos` resolve to the
 # installed package, not the source tree.
 cp -r "$root/srv/src/tests" "$root/srv/t/tests"
@@ -106,7 +111,7 @@ unshare --mount --propagation private bash -c '
     root="$2"; shift 2
     arm64_mount_all "$root"
     t=$(date +%s)
-    arm64_chroot_raw "$root" python -m pip install --quiet --no-build-isolation "/srv/src[agent]"
+    arm64_chroot_raw "$root" sh -c "python -m pip install --quiet \"\$(ls /srv/dist/edgefleet-*.whl)[agent]\""
     arm64_chroot_raw "$root" python -m pip check
     arm64_log "pip install \"edgefleet[agent]\" on arm64: $(( $(date +%s) - t ))s"
     arm64_chroot_raw "$root" sh -c "cd /srv/t && python -m pytest -p no:cacheprovider \
