@@ -7,7 +7,7 @@
 set -u
 want=(mosquitto)
 if [ "${1:-test}" = "test" ]; then
-  want+=(chromium chromium-driver postgresql qemu-user-static binfmt-support debootstrap)
+  want+=(chromium chromium-driver postgresql qemu-user-static binfmt-support debootstrap zstd)
 fi
 missing=()
 for p in "${want[@]}"; do
