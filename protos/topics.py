@@ -62,3 +62,32 @@ def parse_device_topic(topic: str) -> ParsedTopic | None:
     if not sep or not valid_device_id(device_id) or not leaf:
         return None
     return ParsedTopic(device_id, leaf)
+
+
+# -- remote builders (docs/builder.md): one subtree per builder, like devices ----------------
+BUILDER_ANNOUNCE = "announce"  # builder -> controller, SignedEnvelope(BuilderAnnounce); retained; will
+BUILDER_JOB = "job"            # controller -> builder, SignedEnvelope(BuildJob) by an online key
+BUILDER_RESULT = "result"      # builder -> controller, SignedEnvelope(BuildResult) by the builder
+
+
+def builder_topic(builder_id: str, leaf: str) -> str:
+    """Topic ``edgefleet/v1/builders/{builder_id}/{leaf}``; rejects unsafe ids."""
+    if not valid_device_id(builder_id):
+        raise ValueError(f"invalid builder id {builder_id!r}: use [a-z0-9._-], 1-63 chars")
+    return f"{PREFIX}/builders/{builder_id}/{leaf}"
+
+
+def builder_subscription(leaf: str) -> str:
+    """Wildcard subscription for one leaf across all builders."""
+    return f"{PREFIX}/builders/+/{leaf}"
+
+
+def parse_builder_topic(topic: str) -> ParsedTopic | None:
+    """Split a builder topic into (builder_id, leaf); None when it is not one."""
+    head = f"{PREFIX}/builders/"
+    if not topic.startswith(head):
+        return None
+    builder_id, sep, leaf = topic[len(head):].partition("/")
+    if not sep or not valid_device_id(builder_id) or not leaf:
+        return None
+    return ParsedTopic(builder_id, leaf)
