@@ -6,7 +6,7 @@ PY310 ?= $(shell ls -d $$HOME/.pyenv/versions/3.10.*/bin/python3 2>/dev/null | t
 VENV310 ?= .venv310
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit test-agent-py310 test-arm64 rknn-env protos bench clean
+.PHONY: demo test lint unit test-agent-py310 test-arm64 rknn-env test-rknn protos bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -50,9 +50,17 @@ AGENT_TESTS ?= tests/unit/test_runtime*.py tests/integration/test_agent_*.py tes
 test-arm64: $(STAMP)
 	bash scripts/arm64/run-tests.sh
 
-## rknn-env: the separate virtualenv for the RKNN compile worker (rknn-toolkit2 pins old numpy/onnx)
+## rknn-env: the separate virtualenv for the RKNN compile worker (rknn-toolkit2 pins old numpy/onnx).
+## Kept outside the clone (like the arm64 rootfs) and rebuilt only when scripts/rknn-env.sh changes.
+RKNN_CACHE ?= /var/cache/edgefleet-rknn
+RKNN_VENV ?= $(RKNN_CACHE)/venv-$(shell sha256sum scripts/rknn-env.sh | cut -c1-12)
 rknn-env:
-	bash scripts/rknn-env.sh
+	@if [ -f $(RKNN_VENV)/.ready ]; then echo "rknn-env: cached at $(RKNN_VENV)"; \
+	else mkdir -p $(RKNN_CACHE) && rm -rf $(RKNN_VENV) && bash scripts/rknn-env.sh $(RKNN_VENV) && touch $(RKNN_VENV)/.ready; fi
+
+## test-rknn: RKNN compile + simulator accuracy check in the worker environment
+test-rknn: $(STAMP) rknn-env
+	EDGEFLEET_RKNN_VENV=$(RKNN_VENV) $(BIN)/pytest -q -p no:cacheprovider -m rknn tests/integration/test_rknn_compile.py
 
 protos: $(STAMP)
 	PATH=$(BIN):$$PATH bash protos/generate.sh
