@@ -302,6 +302,10 @@ def test_cluster_mode_rollout_survives_controller_restart(env: Env) -> None:
                        for dev in ("board-1", "board-2"))
         wait_for(serving, timeout=30, what="both agents serving the compiled engine")
         assert _ready(second)
+        # SIGTERM: a clean exit that hands the Lease back for a standby to take at once
+        second.stop(signal.SIGTERM)
+        assert second.proc.returncode == 0, second.log()
+        assert _lease_holder(api_client) == ""
         db.dispose()
     finally:
         counter.close()
