@@ -96,7 +96,10 @@ class ControllerCore:
         self._tasks: list[asyncio.Task[None]] = []
         self._running: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._compile_failures: dict[str, str] = {}
+        # controller.builder.BuildDispatcher, set by whoever starts one (remote TensorRT builds)
+        self.build_dispatcher: Any = None
         self.reconcile_count = 0
+        self._stopping = False
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self, *, reconcile: bool = True) -> None:
@@ -117,6 +120,8 @@ class ControllerCore:
                                                    name="controller-reconcile"))
 
     async def stop(self) -> None:
+        self._stopping = True      # wait_for may swallow a cancel that races a kick (3.11)
+        self._kick.set()
         tasks = self._tasks + list(self._running.values())
         for t in tasks:
             t.cancel()
@@ -138,11 +143,11 @@ class ControllerCore:
     # -- MQTT -----------------------------------------------------------------------------------
     async def _mqtt_loop(self) -> None:
         s = self.settings
-        while True:
+        while not self._stopping:
             try:
                 async with aiomqtt.Client(
                     s.mqtt_host, s.mqtt_port, identifier=f"{s.mqtt_client_id}-{uuid.uuid4().hex[:8]}",
-                    protocol=aiomqtt.ProtocolVersion.V5, username=s.mqtt_username,
+                    username=s.mqtt_username, **s.aiomqtt_options(),
                     password=s.mqtt_password, keepalive=30,
                     max_queued_incoming_messages=10000,
                 ) as client:
@@ -293,7 +298,9 @@ class ControllerCore:
 
         return ModelContext(store=self.store, db=self.db,
                             work_dir=self.settings.data_dir / "work", executor=self.executor,
-                            device_class_spec=dc_spec, failures=self._compile_failures)
+                            device_class_spec=dc_spec, failures=self._compile_failures,
+                            remote_compile=(self.build_dispatcher.compile_remote
+                                            if self.build_dispatcher is not None else None))
 
     def rollout_context(self) -> RolloutContext:
         return RolloutContext(db=self.db, settings=self.settings, planner=self.planner,
@@ -301,10 +308,12 @@ class ControllerCore:
                               get_model=lambda ns, n: self.get("EdgeModel", ns, n))
 
     async def _reconcile_loop(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), timeout=self.settings.resync_s)
             self._kick.clear()
+            if self._stopping:
+                return
             try:
                 for res in self.list():
                     md = res["metadata"]

@@ -43,30 +43,27 @@ class DeltaPlanner:
 
     def payload_for(self, *, base_sha256: str, target_sha256: str) -> Payload:
         """The payload to go from ``base_sha256`` ("" = nothing) to ``target_sha256``."""
-        if (not self.enabled or not base_sha256 or base_sha256 == target_sha256
-                or not self.store.has(base_sha256)):
+        if not self.enabled:
             return self.full(target_sha256)
-        cached = self._cached(base_sha256, target_sha256)
+        base = base_sha256 if (base_sha256 and base_sha256 != target_sha256
+                               and self.store.has(base_sha256)) else ""
+        cached = self._cached(base, target_sha256)
         if cached is not None:
             return cached
         with self._lock:
-            cached = self._cached(base_sha256, target_sha256)
+            cached = self._cached(base, target_sha256)
             if cached is not None:
                 return cached
-            return self._plan(base_sha256, target_sha256)
+            return self._plan(base, target_sha256)
 
     def _cached(self, base: str, target: str) -> Payload | None:
         with session_scope(self.engine) as s:
             row = s.exec(select(Delta).where(Delta.base_sha256 == base,
                                              Delta.target_sha256 == target)).first()
-        if row is None:
+        if row is None or not self.store.has(row.payload_sha256):
             return None
-        if row.codec == "full":
-            return self.full(target)
-        if not self.store.has(row.payload_sha256):
-            return None
-        return Payload(row.codec, base, row.payload_sha256, row.payload_size,
-                       self.store.path(row.payload_sha256))
+        return Payload(row.codec, base if row.codec != "full" else "", row.payload_sha256,
+                       row.payload_size, self.store.path(row.payload_sha256))
 
     def _plan(self, base: str, target: str) -> Payload:
         try:
@@ -76,26 +73,28 @@ class DeltaPlanner:
             return self.full(target)
         with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as tmp:
             try:
-                choice = codecs.plan(self.store.path(base), self.store.path(target), Path(tmp))
+                choice = codecs.plan(self.store.path(base) if base else None,
+                                     self.store.path(target), Path(tmp))
             except Exception as e:  # a codec failing must not stop the rollout
                 log.warning("delta plan %s..->%s.. failed, shipping full: %s",
                             base[:12], target[:12], e)
                 return self.full(target)
             codec = str(choice.codec)
             candidates = dict(getattr(choice, "candidates", {}) or {})
-            if codec == "full" or choice.path is None:
-                payload = self.full(target)
+            if choice.size >= self.store.size(target) and codec == "full":
+                payload = self.full(target)     # compression did not help: raw engine
             else:
                 stored = self.store.put_file(Path(choice.path), kind="delta",
                                              meta={"codec": codec, "base": base,
                                                    "target": target})
-                payload = Payload(codec, base, stored.sha256, stored.size, stored.path)
+                payload = Payload(codec, base if codec != "full" else "", stored.sha256,
+                                  stored.size, stored.path)
         with session_scope(self.engine) as s:
             s.add(Delta(base_sha256=base, target_sha256=target, codec=payload.codec,
                         payload_sha256=payload.sha256, payload_size=payload.size,
                         candidates=_jsonable(candidates), created_ms=int(time.time() * 1000)))
-        log.info("delta %s..->%s..: %s, %d bytes (target %d)", base[:12], target[:12],
-                 payload.codec, payload.size, self.store.size(target))
+        log.info("payload %s..->%s..: %s, %d bytes (target %d)", base[:12] or "none",
+                 target[:12], payload.codec, payload.size, self.store.size(target))
         return payload
 
 

@@ -189,14 +189,15 @@ class Publisher:
                 DeviceRollout.update_id == update_id)).first()
             if row is None or not row.target_sha256:
                 return None
-            payload_sha = row.target_sha256
-            if row.codec and row.codec != "full":
-                d = s.exec(select(Delta).where(Delta.base_sha256 == row.base_sha256,
-                                               Delta.target_sha256 == row.target_sha256,
-                                               Delta.codec == row.codec)).first()
-                if d is None:
-                    return None
-                payload_sha = d.payload_sha256
+            payload_sha = ""
+            for d in s.exec(select(Delta).where(Delta.target_sha256 == row.target_sha256,
+                                                Delta.codec == row.codec)).all():
+                if d.payload_size == row.payload_size and d.base_sha256 in ("",
+                                                                            row.base_sha256):
+                    payload_sha = d.payload_sha256
+                    break
+            if not payload_sha and row.codec in ("", "full"):
+                payload_sha = row.target_sha256
         if not self.store.has(payload_sha):
             return None
         info = OfferInfo(update_id, row.device_id, self.store.path(payload_sha),

@@ -18,7 +18,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,13 @@ class ModelContext:
     report: Callable[[dict[str, Any]], None] | None = None
     failures: dict[str, str] = field(default_factory=dict)
     now_ms: Callable[[], int] = lambda: int(time.time() * 1000)
+    # remote builds (controller.builder.BuildDispatcher.compile_remote): used when the class's
+    # compiler is unavailable here (BackendUnavailable), e.g. TensorRT without a GPU
+    remote_compile: Callable[..., Awaitable[dict[str, Any]]] | None = None
+
+
+class _Transient(str):
+    """A failure message that is not remembered: the next resync tries again."""
 
 
 def _compile_job(model: str, device_class: dict[str, Any], precisions: list[str],
@@ -159,7 +166,8 @@ async def reconcile_model(resource: dict[str, Any], ctx: ModelContext) -> dict[s
         if entry is not None:
             engines.append(entry)
         else:
-            ctx.failures[key] = err
+            if not isinstance(err, _Transient):
+                ctx.failures[key] = err
             failures.append({"deviceClass": cls_name, "message": err})
 
     n_t = len(targets)
@@ -216,6 +224,15 @@ async def _compile_one(ctx: ModelContext, model_name: str, src: str, cls_name: s
     except Exception as e:  # a dead worker process is this model's failure, not the loop's
         shutil.rmtree(work, ignore_errors=True)
         return None, f"compiler worker failed: {type(e).__name__}: {e}"
+    if (not res.get("ok") and res.get("reason") == "backend_unavailable"
+            and ctx.remote_compile is not None):
+        log.info("no local compiler for %s (%s); sending it to a builder", cls_name, res["error"])
+        res = await ctx.remote_compile(src, device_class=dc, precisions=precisions,
+                                       validation_sha256=val_sha, accuracy=accuracy,
+                                       model_name=model_name)
+        if not res.get("ok") and res.get("transient"):
+            shutil.rmtree(work, ignore_errors=True)
+            return None, _Transient(str(res["error"]))
     try:
         if not res.get("ok"):
             log.warning("compile of %s for %s failed: %s", model_name, cls_name, res["error"])

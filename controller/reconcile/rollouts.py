@@ -153,6 +153,11 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
             s.add(row)
             rows[dev_id] = row
 
+    if not rows:
+        return pending("NoDevices", "no devices match the selector yet", version=version,
+                       targeted=0, updated=0, failed=0, bytesSent=0, devices={},
+                       unsupported=unsupported)
+
     # 3. walk the waves
     paused = bool(spec.get("paused"))
     phase, message, current_wave, blocked = ResourcePhase.COMPLETE.value, "", "", False

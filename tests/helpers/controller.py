@@ -1,0 +1,218 @@
+"""Test helpers for controller tests: a started ControllerCore, waits, and a paho stand-in device.
+
+``FakeDevice`` is a paho-mqtt (MQTT 5) client that behaves like an agent on the wire where
+the real agent is not needed: it sends heartbeats, verifies signed offers against the pinned
+root (protos.trust), requests chunks, checks each chunk against the manifest, reassembles the
+payload and reports UpdateStatus (committed, or failed when told to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from protos import topics, trust
+from protos.edgefleet.v1 import common_pb2, device_pb2, update_pb2
+
+API = "edgefleet.io/v1alpha1"
+
+
+async def wait_until(pred: Callable[[], Any], *, timeout_s: float = 30.0,
+                     what: str = "condition") -> Any:
+    """Poll ``pred`` until truthy (returns it) or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def wait_sync(pred: Callable[[], Any], *, timeout_s: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def mqtt_client(port: int, client_id: str, *, will: tuple[str, bytes] | None = None
+                ) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                    protocol=mqtt.MQTTv5)
+    if will:
+        c.will_set(will[0], will[1], qos=1, retain=True)
+    c.connect("127.0.0.1", port, keepalive=5)
+    c.loop_start()
+    wait_sync(c.is_connected, timeout_s=10, what=f"{client_id} connected")
+    return c
+
+
+def edge_model(name: str, *, sha256: str, version: int = 1,
+               classes: tuple[str, ...] = ("cpu-x86-64",)) -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "EdgeModel",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"version": version, "source": {"sha256": sha256},
+                     "targets": [{"deviceClass": c, "precisions": ["fp32"]} for c in classes]}}
+
+
+def device_class(name: str = "cpu-x86-64") -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "DeviceClass", "metadata": {"name": name},
+            "spec": {"engineKind": "onnxruntime-cpu", "arch": "x86_64"}}
+
+
+def edge_rollout(name: str, model: str, waves: list[dict[str, Any]],
+                 **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "EdgeRollout",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"model": model, "waves": waves, **spec}}
+
+
+@dataclass
+class FakeDevice:
+    """A device on the wire (paho client): heartbeats, verify offers, fetch chunks, report."""
+
+    device_id: str
+    port: int
+    root_public: bytes
+    device_class: str = "cpu-x86-64"
+    fail_updates: bool = False           # report FAILED instead of COMMITTED
+    window: int = 8
+    served: list[device_pb2.ServedModel] = field(default_factory=list)
+    offers: list[update_pb2.UpdateManifest] = field(default_factory=list)
+    committed: list[str] = field(default_factory=list)
+    payloads: dict[str, bytes] = field(default_factory=dict)
+    chunks_seen: list[tuple[str, int]] = field(default_factory=list)
+    auto_fetch: bool = True
+    offer_messages: int = 0
+
+    def __post_init__(self) -> None:
+        self.trust = trust.TrustState(root_public=self.root_public)
+        self._lock = threading.Lock()
+        self._chunks: dict[str, dict[int, bytes]] = {}
+        self.client = mqtt_client(self.port, f"dev-{self.device_id}")
+        self.client.on_message = self._on_message
+        for leaf in (topics.OFFER, topics.CHUNK):
+            self.client.subscribe(topics.device_topic(self.device_id, leaf), qos=1)
+        self.client.subscribe(topics.TRUST_KEYS, qos=1)
+
+    def topic(self, leaf: str) -> str:
+        return topics.device_topic(self.device_id, leaf)
+
+    def heartbeat(self) -> None:
+        hb = device_pb2.Heartbeat(device_id=self.device_id, device_class=self.device_class,
+                                  models=self.served, agent_version="test", health="ok",
+                                  sent_at_ms=int(time.time() * 1000))
+        self.client.publish(self.topic(topics.HEARTBEAT), hb.SerializeToString(), qos=1).wait_for_publish(5)
+
+    def status(self, m: update_pb2.UpdateManifest, state: int, reason: str = "") -> None:
+        st = update_pb2.UpdateStatus(device_id=self.device_id, update_id=m.update_id,
+                                     model_name=m.model_name, version=m.version, state=state,
+                                     reason=reason, bytes_total=m.payload_size,
+                                     at_ms=int(time.time() * 1000))
+        self.client.publish(self.topic(topics.UPDATE_STATUS), st.SerializeToString(), qos=1)
+
+    def request(self, m: update_pb2.UpdateManifest, indices: list[int]) -> None:
+        req = update_pb2.ChunkRequest(device_id=self.device_id, update_id=m.update_id,
+                                      indices=indices)
+        self.client.publish(self.topic(topics.CHUNK_REQUEST), req.SerializeToString(), qos=1)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    # -- callbacks (paho thread) --------------------------------------------------------------
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == topics.TRUST_KEYS:
+            env = update_pb2.SignedEnvelope.FromString(msg.payload)
+            self.trust.accept_key_list(env)
+        elif msg.topic.endswith("/update/offer") and msg.payload:
+            env = update_pb2.SignedEnvelope.FromString(msg.payload)
+            m = self.trust.verify(env, update_pb2.UpdateManifest)
+            assert m.device_id == self.device_id and m.device_class == self.device_class
+            with self._lock:
+                self.offer_messages += 1
+                if any(o.update_id == m.update_id for o in self.offers):
+                    return
+                self.offers.append(m)
+                self._chunks[m.update_id] = {}
+            if self.auto_fetch:
+                self.status(m, common_pb2.UPDATE_STATE_DOWNLOADING)
+                self.request(m, list(range(min(self.window, len(m.chunk_sha256)))))
+        elif msg.topic.endswith("/update/chunk"):
+            ch = update_pb2.UpdateChunk.FromString(msg.payload)
+            self._on_chunk(ch)
+
+    def _on_chunk(self, ch: update_pb2.UpdateChunk) -> None:
+        with self._lock:
+            self.chunks_seen.append((ch.update_id, ch.index))
+            m = next((o for o in self.offers if o.update_id == ch.update_id), None)
+            if m is None:
+                return
+            assert hashlib.sha256(ch.data).digest() == m.chunk_sha256[ch.index], "chunk hash"
+            got = self._chunks[m.update_id]
+            got[ch.index] = ch.data
+            n = len(m.chunk_sha256)
+            done = len(got) == n
+            nxt = len(got) + self.window - 1
+        if not self.auto_fetch:
+            return
+        if not done:
+            if nxt < n and nxt not in got:
+                self.request(m, [nxt])
+            return
+        data = b"".join(got[i] for i in range(n))
+        assert hashlib.sha256(data).hexdigest() == m.payload_sha256
+        self.payloads[m.update_id] = data
+        if self.fail_updates:
+            self.status(m, common_pb2.UPDATE_STATE_FAILED, "smoke check failed (test)")
+            return
+        self.served = [device_pb2.ServedModel(name=m.model_name, version=m.version,
+                                              sha256=m.target_sha256, active=True, slot="b")]
+        self.status(m, common_pb2.UPDATE_STATE_COMMITTED)
+        self.committed.append(m.update_id)
+        self.heartbeat()
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+class started_core:
+    """``async with started_core(tmp_path, broker, **settings) as core``: connected ControllerCore."""
+
+    def __init__(self, data_dir: Path, broker: Any, **overrides: Any) -> None:
+        from controller.settings import Settings
+
+        opts: dict[str, Any] = {"resync_s": 0.5, "compile_in_process_pool": False}
+        opts.update(overrides)
+        self.settings = Settings(data_dir=data_dir, mqtt_host=broker.host,
+                                 mqtt_port=broker.port, **opts)
+        self.core: Any = None
+
+    async def __aenter__(self) -> Any:
+        from controller.core import ControllerCore
+
+        self.core = ControllerCore(self.settings)
+        await self.core.start()
+        await asyncio.wait_for(self.core.connected.wait(), 15)
+        return self.core
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.core.stop()
