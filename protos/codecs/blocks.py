@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import bsdiff4.core
-import numpy as np
 import zstandard
 
 from protos.codecs.container import AtomicSink, BoundedReader, Header, file_sha256
@@ -42,7 +41,7 @@ MARGIN_BYTES = 256 << 10
 MAX_BLOCK_BYTES = 64 << 20       # apply refuses larger records (memory bound)
 MAX_WINDOW_BYTES = 80 << 20
 INPROCESS_BYTES = 64 << 10       # blocks this small are cheap even for quadratic bsdiff
-REPETITIVE_FRACTION = 0.3        # bsdiff is skipped when this many bytes repeat a neighbour
+REPETITIVE_RATIO = 0.1           # bsdiff is skipped on blocks zstd -1 shrinks below this
 ZSTD_LEVEL = 12
 ANCHOR_BYTES = 16
 PROBE_BYTES = 256 << 10
@@ -72,12 +71,11 @@ def _zd(data: bytes, size: int, dict_bytes: bytes = b"") -> bytes:
 
 
 def _repetitive(data: bytes) -> bool:
-    a = np.frombuffer(data, dtype=np.uint8)
-    if len(a) < 8:
+    """Runs and short periods make bsdiff quadratic; zstd -1 squeezing a block below
+    ``REPETITIVE_RATIO`` of its size flags them (and ZSTD handles such blocks well anyway)."""
+    if len(data) < 4096:
         return False
-    rep1 = np.count_nonzero(a[1:] == a[:-1]) / len(a)
-    rep4 = np.count_nonzero(a[4:] == a[:-4]) / len(a)
-    return bool(max(rep1, rep4) > REPETITIVE_FRACTION)
+    return len(zstandard.ZstdCompressor(level=1).compress(data)) < REPETITIVE_RATIO * len(data)
 
 
 def _encode_bsdiff(old_w: bytes, new_b: bytes) -> bytes:
@@ -370,6 +368,8 @@ def _decode_bsdiff(payload: bytes, window: bytes, new_len: int) -> bytes:
             raise Rejected("short bsdiff record", reason="delta_malformed")
         raws.append(_zd(payload[pos:pos + zlen], size))
         pos += zlen
+    import numpy as np  # here, not at the top: block workers stay small without numpy
+
     u = np.frombuffer(raws[0], dtype="<u8").reshape(-1, 3)
     mag = (u & np.uint64(0x7FFF_FFFF_FFFF_FFFF)).astype(object)
     xs, ys = mag[:, 0], mag[:, 1]

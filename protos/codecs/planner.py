@@ -65,8 +65,8 @@ def plan(old: Path | None, new: Path, out_dir: Path, *, codecs: tuple[str, ...] 
             continue
         matched = candidates.get("tensor-xor", {}).get("matched_bytes", 0)
         if codec == "bsdiff4" and matched >= SKIP_BSDIFF_MATCHED * new.stat().st_size:
-            candidates[codec] = {"error": "skipped", "detail": f"tensor-xor XORs {matched} of "
-                                 f"{new.stat().st_size} target bytes; bsdiff4 cannot do better"}
+            candidates[codec] = {"error": "skipped", "detail": f"tensor-xor pairs {matched} of "
+                                 f"{new.stat().st_size} target bytes with base tensors"}
             continue
         remaining = deadline - time.monotonic()
         if codec != "full" and remaining <= 0:
