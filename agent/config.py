@@ -18,6 +18,8 @@ import yaml
 
 from protos import topics
 
+MQTT_PROTOCOLS = ("5", "3.1.1")
+
 
 class ConfigError(ValueError):
     """The configuration file is missing, malformed or has an invalid value."""
@@ -43,6 +45,9 @@ class MqttConfig:
     reconnect_min_s: float = 0.5      # first reconnect delay; doubles up to reconnect_max_s
     reconnect_max_s: float = 30.0
     session_expiry_s: int = 3600      # MQTT 5 session expiry (queued QoS 1 chunks survive)
+    # "5" (default) or "3.1.1" (only for brokers without MQTT 5, e.g. the embedded amqtt
+    # fallback: ACL denials are then invisible and session expiry is unavailable)
+    protocol: str = "5"
 
 
 @dataclass
@@ -119,6 +124,15 @@ class AgentConfig:
                 raise ConfigError(f"limits.{name} must be > 0")
         if self.update.request_window_chunks <= 0:
             raise ConfigError("update.request_window_chunks must be > 0")
+        self.mqtt.protocol = str(self.mqtt.protocol)  # YAML reads `protocol: 5` as an int
+        if self.mqtt.protocol not in MQTT_PROTOCOLS:
+            raise ConfigError(f"mqtt.protocol must be one of {', '.join(MQTT_PROTOCOLS)}, "
+                              f"got {self.mqtt.protocol!r}")
+        tls = self.mqtt.tls
+        if (tls.cert or tls.key) and not tls.ca:
+            raise ConfigError("mqtt.tls.cert/key need mqtt.tls.ca (the CA of the broker)")
+        if bool(tls.cert) != bool(tls.key):
+            raise ConfigError("mqtt.tls.cert and mqtt.tls.key go together")
         if self.heartbeat_interval_s <= 0 or self.metrics_interval_s <= 0:
             raise ConfigError("heartbeat_interval_s and metrics_interval_s must be > 0")
 

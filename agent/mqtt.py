@@ -6,6 +6,13 @@ retained on ``.../presence``, publishes ``Presence(online=True)`` retained on ev
 reconnects with exponential backoff. Incoming payloads over ``max_payload_bytes`` are dropped
 with a log line; handler errors are logged, never raised into paho's thread.
 Created by :class:`agent.app.Agent`.
+
+With ``mqtt.tls`` set it connects over TLS with the device certificate (controller/pki.py),
+whose CN the broker takes as the username for its ACL. A publish or subscription the broker
+refuses (MQTT 5 PUBACK/SUBACK reason code, e.g. 0x87 "Not authorized") is logged as a warning
+with the topic and reason and counted in ``denials``. ``mqtt.protocol: "3.1.1"`` exists only
+for brokers without MQTT 5 (the embedded amqtt fallback): no session expiry, and ACL denials
+are invisible there (MQTT 3.1.1 PUBACK carries no reason code), which the log says at start.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
@@ -42,11 +50,27 @@ class MqttLink:
         self.connected = threading.Event()
         self.connect_count = 0
         self.presence_topic = topics.device_topic(device_id, topics.PRESENCE)
-        c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                        client_id=device_id, protocol=mqtt.MQTTv5)
+        self.v5 = str(cfg.protocol) != "3.1.1"
+        # (topic, reason) of every publish/subscription the broker refused (newest last)
+        self.denials: list[tuple[str, str]] = []
+        self._inflight: OrderedDict[int, str] = OrderedDict()   # mid -> topic (QoS 1)
+        self._early: dict[int, mqtt.ReasonCode] = {}            # refusals seen before the mid
+        self._sub_topics: dict[int, list[str]] = {}
+        self._track_lock = threading.Lock()
+        if self.v5:
+            c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                            client_id=device_id, protocol=mqtt.MQTTv5)
+        else:
+            log.warning("device %s: MQTT 3.1.1 (mqtt.protocol) - the broker cannot report "
+                        "refused publishes (ACL denials are silent) and sessions do not "
+                        "expire; use MQTT 5 with a broker that supports it", device_id)
+            c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                            client_id=device_id, protocol=mqtt.MQTTv311, clean_session=True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         c.reconnect_delay_set(min_delay=cfg.reconnect_min_s,  # type: ignore[arg-type]
                               max_delay=cfg.reconnect_max_s)  # type: ignore[arg-type]
         if cfg.username:
@@ -65,11 +89,16 @@ class MqttLink:
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         """Connect in the background; reconnects forever until :meth:`stop`."""
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.cfg.session_expiry_s
-        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s,
-                                  clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-                                  properties=props)
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.cfg.session_expiry_s
+            self.client.connect_async(self.cfg.host, self.cfg.port,
+                                      keepalive=self.cfg.keepalive_s,
+                                      clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                                      properties=props)
+        else:
+            self.client.connect_async(self.cfg.host, self.cfg.port,
+                                      keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
 
     def stop(self, *, reason: str = "shutdown", timeout_s: float = 2.0) -> None:
@@ -95,7 +124,50 @@ class MqttLink:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             log.debug("publish to %s not sent now: %s", topic, mqtt.error_string(info.rc))
             return False
+        if qos > 0:
+            self._track(info.mid, topic)
         return True
+
+    # ---- refusals (MQTT 5 reason codes) ---------------------------------------------------
+    def _track(self, mid: int, topic: str) -> None:
+        """Remember which topic a QoS 1 publish went to, so a refusal names it."""
+        with self._track_lock:
+            early = self._early.pop(mid, None)
+            if early is None:
+                self._inflight[mid] = topic
+                while len(self._inflight) > 4096:   # bounded: acks lost with a connection
+                    self._inflight.popitem(last=False)
+        if early is not None:
+            self._denied(topic, early, what="publish to")
+
+    def _denied(self, topic: str, rc: mqtt.ReasonCode, *, what: str) -> None:
+        reason = f"{rc} (0x{rc.value:02x})"
+        with self._track_lock:
+            self.denials.append((topic, str(rc)))
+            del self.denials[:-100]
+        log.warning("device %s: broker refused %s %s: %s - check the broker ACL and this "
+                    "device's certificate (CN must be %s)", self.device_id, what, topic,
+                    reason, self.device_id)
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
+                    reason_code: mqtt.ReasonCode, properties: object) -> None:
+        with self._track_lock:
+            topic = self._inflight.pop(mid, None)
+            if topic is None and reason_code.is_failure:
+                self._early[mid] = reason_code   # the ack beat publish() back to _track
+                if len(self._early) > 1024:
+                    self._early.pop(next(iter(self._early)))
+        if topic is not None and reason_code.is_failure:
+            self._denied(topic, reason_code, what="publish to")
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
+                      reason_codes: list[mqtt.ReasonCode], properties: object) -> None:
+        with self._track_lock:
+            subs = self._sub_topics.pop(mid, [])
+        for i, rc in enumerate(reason_codes):
+            if rc.is_failure:
+                self._denied(subs[i] if i < len(subs) else f"(subscription #{i})", rc,
+                             what="subscription to")
 
     # ---- paho callbacks (network thread) --------------------------------------------------
     def connection_id(self) -> int:
@@ -110,10 +182,20 @@ class MqttLink:
         self.connect_count += 1
         log.info("device %s: connected to %s:%d (#%d)", self.device_id, self.cfg.host,
                  self.cfg.port, self.connect_count)
-        client.publish(self.presence_topic, self._presence(True, "connect"), qos=1, retain=True)
-        subs = [(t, mqtt.SubscribeOptions(qos=1)) for t in self.handlers]
-        if subs:
-            client.subscribe(subs)
+        info = client.publish(self.presence_topic, self._presence(True, "connect"), qos=1,
+                              retain=True)
+        self._track(info.mid, self.presence_topic)
+        names = list(self.handlers)
+        if names:
+            subs: list[tuple[str, mqtt.SubscribeOptions]] | list[tuple[str, int]]
+            if self.v5:
+                subs = [(t, mqtt.SubscribeOptions(qos=1)) for t in names]
+            else:
+                subs = [(t, 1) for t in names]
+            with self._track_lock:   # the SUBACK cannot be handled before this thread returns
+                _rc, mid = client.subscribe(subs)
+                if mid is not None:
+                    self._sub_topics[mid] = names
         self.connected.set()
         if self._on_connected_cb:
             try:

@@ -2,7 +2,8 @@
 
 Subcommands: ``up`` (embedded controller, broker and dashboard: controller/embedded.py),
 ``apply -f``, ``get``, ``delete``, ``push`` (HTTP client: controller/cli_client.py),
-``keys init|rotate|revoke|show`` (controller/ota/keys.py), ``delta make|apply``
+``keys init|rotate|revoke|show`` (controller/ota/keys.py), ``pki init|issue-device|show``
+(MQTT certificates, controller/pki.py), ``delta make|apply``
 (protos/codecs/cli.py), ``compile`` (controller/compile/cli.py) and ``demo`` (controller/demo.py).
 The server URL comes from ``--server``, else ``$EDGEFLEET_SERVER``, else http://127.0.0.1:8080.
 Errors print one ``error: ...`` line and exit non-zero; no tracebacks for bad input.
@@ -37,8 +38,45 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     opts = EmbeddedOptions(data_dir=Path(args.data_dir), api_host=args.host, api_port=args.port,
                            mqtt_host=args.mqtt_host, mqtt_port=args.mqtt_port,
-                           broker_url=args.broker_url, broker=args.broker)
+                           broker_url=args.broker_url, broker=args.broker, tls=args.tls)
     return run_embedded(opts)
+
+
+def _cmd_pki(args: argparse.Namespace) -> int:
+    from controller.pki import CertificateAuthority, cert_common_name
+
+    root = Path(args.pki_dir) if args.pki_dir else Path(args.data_dir) / "pki"
+    if args.action == "init":
+        ca = CertificateAuthority.init(root, force=args.force)
+        print(f"fleet CA created: {ca.ca_cert_path} (key {ca.ca_key_path}, mode 0600)")
+        return 0
+    ca = CertificateAuthority(root)
+    if args.action == "issue-device":
+        if not args.name or not args.out:
+            print("error: pki issue-device needs DEVICE_ID and --out DIR", file=sys.stderr)
+            return 2
+        files = ca.device_files(args.name, Path(args.out))
+        print(json.dumps({"device_id": args.name, "ca": str(files.ca), "cert": str(files.cert),
+                          "key": str(files.key),
+                          "agent_config": {"mqtt": {"tls": {"ca": str(files.ca),
+                                                            "cert": str(files.cert),
+                                                            "key": str(files.key)}}}},
+                         indent=2))
+    elif args.action == "issue-server":
+        hosts = [h for h in (args.name or "").split(",") if h]
+        files = ca.write_identity(Path(args.out or root), "server",
+                                  *ca.issue_server_cert(hosts))
+        print(json.dumps({"hosts": hosts, "cert": str(files.cert), "key": str(files.key)}))
+    elif args.action == "issue-controller":
+        files = ca.write_identity(Path(args.out or root), "controller",
+                                  *ca.issue_controller_cert())
+        print(json.dumps({"cn": cert_common_name(files.cert.read_bytes()),
+                          "cert": str(files.cert), "key": str(files.key)}))
+    else:
+        print(json.dumps({"ca": str(ca.ca_cert_path),
+                          "subject": ca.ca_cert.subject.rfc4514_string(),
+                          "not_after": ca.ca_cert.not_valid_after_utc.isoformat()}, indent=2))
+    return 0
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
@@ -129,7 +167,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(DemoOptions(data_dir=Path(args.data_dir), api_port=args.port,
                                 exit_when_ready=args.exit_when_ready, timeout_s=args.timeout,
-                                agents=args.agents))
+                                agents=args.agents, secure=args.secure,
+                                broker=args.broker))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mqtt-port", type=int, default=1883, help="0 = a free port")
     up.add_argument("--broker-url", default="", help="use this broker, start none")
     up.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto")
+    up.add_argument("--tls", action="store_true",
+                    help="broker with TLS, per-device certificates and ACL (needs mosquitto)")
     up.set_defaults(func=_cmd_up)
+
+    pk = sub.add_parser("pki", help="MQTT certificates: init | issue-device ID --out DIR | "
+                                    "issue-server HOST[,HOST] | issue-controller | show")
+    pk.add_argument("action", choices=["init", "issue-device", "issue-server",
+                                       "issue-controller", "show"])
+    pk.add_argument("name", nargs="?", help="device id, or comma-separated broker hosts")
+    pk.add_argument("--out", default="", help="folder for the key, certificate and ca.pem")
+    pk.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    pk.add_argument("--pki-dir", default="", help="default DATA_DIR/pki")
+    pk.add_argument("--force", action="store_true", help="init: replace an existing CA")
+    pk.set_defaults(func=_cmd_pki)
 
     ap = sub.add_parser("apply", help="create or update resources from YAML")
     ap.add_argument("-f", "--filename", required=True, help="file or folder of YAML")
@@ -200,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--exit-when-ready", action="store_true",
                     help="exit 0 once all agents serve (non-zero after --timeout)")
     dm.add_argument("--timeout", type=float, default=300.0, help="seconds to reach all serving")
+    dm.add_argument("--secure", action="store_true",
+                    help="TLS broker, a certificate per agent, device ACL (needs mosquitto)")
+    dm.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto")
     dm.set_defaults(func=_cmd_demo)
     return p
 

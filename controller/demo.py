@@ -9,6 +9,11 @@ manifests/examples/ with the same client as `edgefleet apply`; print progress un
 serves the model, with the time since apply; send one inference to each agent; print the
 dashboard URL and keep running until Ctrl-C (``--exit-when-ready``: stop and exit 0 instead;
 exit 1 if not all agents serve within the timeout).
+
+``--secure``: the broker runs with TLS, client certificates and the device ACL
+(controller/pki.py, controller/broker.py) and every agent gets its own device certificate.
+When only the amqtt fallback broker is available (no mosquitto), the agents are told to speak
+MQTT 3.1.1 and the demo says what that costs (docs/security.md).
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class DemoOptions:
     exit_when_ready: bool = False
     timeout_s: float = 300.0
     examples: Path = EXAMPLES
+    secure: bool = False          # TLS + client certificates + ACL (needs mosquitto)
+    broker: str = "auto"          # auto | mosquitto | amqtt
 
 
 def say(msg: str) -> None:
@@ -192,7 +199,7 @@ async def run_demo_async(opts: DemoOptions) -> int:
     ensure_model()
     version = expected_version(opts.examples)
     ctrl = EmbeddedController(EmbeddedOptions(data_dir=data_dir, api_port=opts.api_port,
-                                              mqtt_port=0))
+                                              mqtt_port=0, tls=opts.secure, broker=opts.broker))
     agents: list[AgentProcess] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -201,7 +208,11 @@ async def run_demo_async(opts: DemoOptions) -> int:
             loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
     deadline = started + opts.timeout_s
-    await ctrl.start()
+    try:
+        await ctrl.start()
+    except EdgefleetError as e:
+        say(f"FAILED: {e}")
+        return 1
     flow = asyncio.create_task(_flow(ctrl, agents, opts, version=version, deadline=deadline))
     stopper = asyncio.create_task(stop.wait())
     try:
@@ -236,10 +247,25 @@ async def _flow(ctrl: EmbeddedController, agents: list[AgentProcess], opts: Demo
     say(f"controller up: dashboard {ctrl.url}, MQTT broker {ctrl.broker.kind} at "
         f"{ctrl.broker.url}, data {ctrl.data_dir}")
     dclass = local_device_class()
+    if ctrl.broker.mqtt_protocol == "3.1.1":
+        say("WARNING: mosquitto is not installed; the embedded amqtt broker speaks MQTT 3.1.1 "
+            "only, so the controller and agents run on MQTT 3.1.1 without TLS or ACLs and "
+            "refused publishes are invisible (apt-get install mosquitto for the real thing)")
+    if ctrl.pki is not None:
+        say(f"secure broker: TLS, one certificate per device (CA {ctrl.pki.ca_cert_path}), "
+            "ACL confines each device to its own topics")
     for i in range(1, opts.agents + 1):
-        a = write_agent_config(ctrl.data_dir / "agents", f"demo-{i}", device_class=dclass,
+        device_id = f"demo-{i}"
+        mqtt_extra: dict[str, Any] = {"protocol": ctrl.broker.mqtt_protocol}
+        if ctrl.pki is not None:
+            files = await asyncio.to_thread(ctrl.pki.device_files, device_id,
+                                            ctrl.data_dir / "agents" / device_id / "tls")
+            mqtt_extra["tls"] = {"ca": str(files.ca), "cert": str(files.cert),
+                                 "key": str(files.key)}
+        a = write_agent_config(ctrl.data_dir / "agents", device_id, device_class=dclass,
                                mqtt_host=ctrl.broker.host, mqtt_port=ctrl.broker.port,
-                               root_public_key_b64=ctrl.keys.root_public_b64())
+                               root_public_key_b64=ctrl.keys.root_public_b64(),
+                               mqtt_extra=mqtt_extra)
         a.start()
         agents.append(a)
     say(f"started {len(agents)} agents ({dclass}): "

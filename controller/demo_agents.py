@@ -95,8 +95,12 @@ class AgentProcess:
 def write_agent_config(root: Path, device_id: str, *, device_class: str, mqtt_host: str,
                        mqtt_port: int, root_public_key_b64: str, serve_port: int | None = None,
                        heartbeat_interval_s: float = 1.0, metrics_interval_s: float = 2.0,
-                       extra: dict[str, Any] | None = None) -> AgentProcess:
-    """Write ``root/device_id/agent.yaml`` and return the (not yet started) AgentProcess."""
+                       extra: dict[str, Any] | None = None,
+                       mqtt_extra: dict[str, Any] | None = None) -> AgentProcess:
+    """Write ``root/device_id/agent.yaml`` and return the (not yet started) AgentProcess.
+
+    ``mqtt_extra`` is merged into the ``mqtt`` section (``tls: {ca, cert, key}``, ``protocol``).
+    """
     data_dir = (root / device_id).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     port = serve_port or free_port()
@@ -112,6 +116,8 @@ def write_agent_config(root: Path, device_id: str, *, device_class: str, mqtt_ho
         "metrics_interval_s": metrics_interval_s,
         "labels": {"demo": "true"},
     }
+    if mqtt_extra:
+        cfg["mqtt"].update(mqtt_extra)
     if extra:
         cfg.update(extra)
     config_path = data_dir / "agent.yaml"

@@ -5,6 +5,11 @@ first start, controller/ota/keys.py), the ControllerCore (controller/core.py) an
 server for the API and dashboard (controller/api/app.py). Ctrl-C (SIGINT) or SIGTERM stops the
 parts in reverse order. Data lives in one folder (default ./.edgefleet): SQLite database,
 artifact store, keys, broker config and log.
+
+``tls=True`` (``edgefleet up --tls``): a fleet CA in ``{data_dir}/pki`` (controller/pki.py,
+created on first start), a Mosquitto TLS listener with client certificates and the device ACL
+(controller/broker.py), and the controller connecting with its own certificate. When the
+broker is the amqtt fallback (MQTT 3.1.1 only) the controller speaks MQTT 3.1.1.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class EmbeddedOptions:
     mqtt_port: int = 1883            # 0 = a free port
     broker_url: str = ""             # use this broker; start none
     broker: str = "auto"             # auto | mosquitto | amqtt
+    tls: bool = False                # TLS + client certificates + ACL (needs mosquitto)
     settings_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,6 +79,7 @@ class EmbeddedController:
         self.broker: BrokerHandle | None = None
         self.core: Any = None
         self.keys: Any = None
+        self.pki: Any = None             # controller.pki.CertificateAuthority when tls
         self._server: _QuietServer | None = None
         self._server_task: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
@@ -90,12 +97,15 @@ class EmbeddedController:
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log.info("data folder %s", self.data_dir)
+        tls, tls_settings = await asyncio.to_thread(self._tls_files)
         self.broker = await start_broker(
             self.data_dir, host=self.opts.mqtt_host, port=self.opts.mqtt_port or None,
-            external_url=self.opts.broker_url or None, prefer=self.opts.broker)
+            external_url=self.opts.broker_url or None, prefer=self.opts.broker, tls=tls)
         try:
+            overrides = {"mqtt_protocol": self.broker.mqtt_protocol, **tls_settings,
+                         **self.opts.settings_overrides}
             settings = Settings(data_dir=self.data_dir, mqtt_host=self.broker.host,
-                                mqtt_port=self.broker.port, **self.opts.settings_overrides)
+                                mqtt_port=self.broker.port, **overrides)
             keys_dir = settings.resolved_keys_dir
             if not (keys_dir / "state.json").is_file():
                 log.info("no signing keys in %s: creating a root key and a signing key", keys_dir)
@@ -118,6 +128,21 @@ class EmbeddedController:
             raise
         log.info("edgefleet is up: dashboard and API at %s, MQTT broker (%s) at %s",
                  self.url, self.broker.kind, self.broker.url)
+
+    def _tls_files(self) -> tuple[Any, dict[str, str]]:
+        """With ``tls``: the CA, the broker's and the controller's identities (made once)."""
+        if not self.opts.tls:
+            return None, {}
+        from controller.broker import BrokerTls
+        from controller.pki import CertificateAuthority
+
+        self.pki = CertificateAuthority.load_or_init(self.data_dir / "pki")
+        hosts = list(dict.fromkeys([self.opts.mqtt_host, "127.0.0.1", "localhost"]))
+        server = self.pki.ensure_server(hosts)
+        ctl = self.pki.ensure_controller()
+        settings = {"mqtt_tls_ca": str(ctl.ca), "mqtt_tls_cert": str(ctl.cert),
+                    "mqtt_tls_key": str(ctl.key)}
+        return BrokerTls(server.ca, server.cert, server.key), settings
 
     async def stop(self) -> None:
         """Stop the API server, the core and the broker (each step even if one fails)."""

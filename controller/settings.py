@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -22,6 +23,13 @@ class Settings:
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     mqtt_reconnect_s: float = 1.0
+    # "5" (default) or "3.1.1" (only for the embedded amqtt fallback: no shared subscriptions,
+    # so shared_group is cleared; ACL denials are invisible to clients)
+    mqtt_protocol: str = "5"
+    # TLS with a client certificate (controller/pki.py issue_controller_cert); "" = plain TCP
+    mqtt_tls_ca: str = ""
+    mqtt_tls_cert: str = ""
+    mqtt_tls_key: str = ""
     # MQTT 5 shared subscription group for telemetry ingest ("" = plain subscriptions)
     shared_group: str = "edgefleet-controller"
     keys_dir: Path | None = None           # None = {data_dir}/keys
@@ -55,6 +63,25 @@ class Settings:
             )
         if self.ota_max_bytes_per_second <= 0:
             raise ValueError("ota_max_bytes_per_second must be positive")
+        self.mqtt_protocol = str(self.mqtt_protocol)
+        if self.mqtt_protocol not in ("5", "3.1.1"):
+            raise ValueError(f"mqtt_protocol must be '5' or '3.1.1', got {self.mqtt_protocol!r}")
+        if self.mqtt_protocol == "3.1.1":
+            self.shared_group = ""   # $share/... is MQTT 5 (and amqtt has none)
+        if (self.mqtt_tls_cert or self.mqtt_tls_key) and not self.mqtt_tls_ca:
+            raise ValueError("mqtt_tls_cert/mqtt_tls_key need mqtt_tls_ca")
+
+    def aiomqtt_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``aiomqtt.Client``: protocol version and TLS parameters."""
+        import aiomqtt
+
+        opts: dict[str, Any] = {"protocol": aiomqtt.ProtocolVersion.V311
+                                if self.mqtt_protocol == "3.1.1" else aiomqtt.ProtocolVersion.V5}
+        if self.mqtt_tls_ca:
+            opts["tls_params"] = aiomqtt.TLSParameters(
+                ca_certs=self.mqtt_tls_ca, certfile=self.mqtt_tls_cert or None,
+                keyfile=self.mqtt_tls_key or None)
+        return opts
 
     @property
     def resolved_db_url(self) -> str:

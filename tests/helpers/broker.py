@@ -71,21 +71,29 @@ def _spawn(conf: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([exe, "-c", str(conf)], stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
-def start_mosquitto(workdir: Path, *, port: int | None = None, extra_conf: str = "") -> Broker:
-    """Start mosquitto with anonymous access on 127.0.0.1:port (free port by default)."""
+def start_mosquitto(workdir: Path, *, port: int | None = None, extra_conf: str = "",
+                    plain_listener: bool = True) -> Broker:
+    """Start mosquitto with anonymous access on 127.0.0.1:port (free port by default).
+
+    ``plain_listener=False``: the config is ``extra_conf`` alone, which must open a listener on
+    ``port`` (pass ``port``; e.g. the TLS + ACL config of controller.broker.mosquitto_tls_conf).
+    """
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\n"
-        "allow_anonymous true\n"
-        "persistence false\n"
-        "max_packet_size 4194304\n"
-        "max_inflight_messages 100\n"
-        "max_queued_messages 10000\n"
-        "log_type error\nlog_type warning\nlog_type notice\n"
-        + extra_conf
-    )
+    if not plain_listener:
+        conf.write_text(extra_conf)
+    else:
+        conf.write_text(
+            f"listener {port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            "max_packet_size 4194304\n"
+            "max_inflight_messages 100\n"
+            "max_queued_messages 10000\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+            + extra_conf
+        )
     log = workdir / "mosquitto.log"
     proc = _spawn(conf, log)
     wait_port(port)
