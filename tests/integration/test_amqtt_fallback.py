@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _connack(port: int, protocol: int) -> Any:
+def _connack(port: int, protocol: mqtt.MQTTProtocolVersion) -> Any:
     """CONNACK reason of a paho client speaking ``protocol`` (None when the broker hung up)."""
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{protocol}",
                     protocol=protocol)
