@@ -52,11 +52,15 @@ def rollout_state(state: int) -> DeviceRolloutState | None:
 
 
 def allowed_transition(old: DeviceRolloutState, new: DeviceRolloutState) -> bool:
-    """Terminal failures stay; a commit may still roll back; everything else moves freely."""
+    """Terminal failures stay; a commit may still roll back; everything else moves freely.
+
+    committed -> failed is refused: an agent that sees the retained offer again after a
+    reconnect may refuse it as "not newer", which says nothing about the engine it serves.
+    """
     if old in (DeviceRolloutState.FAILED, DeviceRolloutState.ROLLED_BACK):
         return False
     if old == DeviceRolloutState.COMMITTED:
-        return new in (DeviceRolloutState.ROLLED_BACK, DeviceRolloutState.FAILED)
+        return new == DeviceRolloutState.ROLLED_BACK
     return True
 
 
