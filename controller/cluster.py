@@ -372,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_cluster(argv: list[str]) -> int:
     """Entry point of ``edgefleet cluster``; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also when `edgefleet` configured logging already
     for noisy in ("httpx", "httpcore", "uvicorn", "uvicorn.error", "aiomqtt", "kubernetes"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING,
                                               logging.getLogger().level))

@@ -217,6 +217,13 @@ def test_cluster_mode_rollout_survives_controller_restart(env: Env) -> None:
         assert push.returncode == 0, push.stderr
         sha = push.stdout.strip().splitlines()[-1]
         assert len(sha) == 64
+        # resources live in Kubernetes: the API refuses to apply them (409, not stored)
+        r = httpx.post(f"{first.url}/api/v1/apply", timeout=10, json={
+            "apiVersion": f"{G}/{V}", "kind": "EdgeModel",
+            "metadata": {"name": "x", "namespace": "default"},
+            "spec": {"version": 1, "source": {"sha256": sha},
+                     "targets": [{"deviceClass": local_device_class()}]}})
+        assert r.status_code == 409 and "kubectl apply" in r.json()["detail"], r.text
 
         db = make_engine(env.db_url)
 
