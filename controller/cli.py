@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("rest", nargs=argparse.REMAINDER)
     c.set_defaults(func=_cmd_compile)
 
+    sub.add_parser("cluster", help="run the controller in a Kubernetes cluster (see cluster --help)",
+                   add_help=False)
+
     dm = sub.add_parser("demo", help="controller + broker + dashboard + 3 real agents")
     dm.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR / "demo"))
     dm.add_argument("--port", type=int, default=8080, help="dashboard port (0 = free port)")
@@ -259,7 +262,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Subcommands with their own argument parser: everything after the name goes to them
+# untouched (argparse.REMAINDER cannot pass options such as --help or --config=... through).
+PASSTHROUGH: dict[str, tuple[str, str]] = {
+    "compile": ("controller.compile.cli", "run_compile_command"),
+    "cluster": ("controller.cluster", "run_cluster"),
+}
+
+
+def _passthrough(argv: list[str]) -> int | None:
+    target = PASSTHROUGH.get(argv[0]) if argv else None
+    if target is None:
+        return None
+    import importlib
+
+    func = getattr(importlib.import_module(target[0]), target[1])
+    return int(func(list(argv[1:])))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rc = _passthrough(argv)
+    if rc is not None:
+        return rc
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
