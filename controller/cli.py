@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("cluster", help="run the controller in a Kubernetes cluster (see cluster --help)",
                    add_help=False)
+    sub.add_parser("builder", help="run a remote engine builder (see builder run --help)",
+                   add_help=False)
 
     dm = sub.add_parser("demo", help="controller + broker + dashboard + 3 real agents")
     dm.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR / "demo"))
@@ -267,7 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
 PASSTHROUGH: dict[str, tuple[str, str]] = {
     "compile": ("controller.compile.cli", "run_compile_command"),
     "cluster": ("controller.cluster", "run_cluster"),
+    "builder": ("controller.cli", "_builder_command"),
 }
+
+
+def _builder_command(argv: list[str]) -> int:
+    """``edgefleet builder run ...``: a remote engine builder (controller/builder/program.py)."""
+    if argv[:1] != ["run"]:
+        print("usage: edgefleet builder run --id ID --engine-kind KIND --controller URL "
+              "--mqtt HOST:PORT --root-pub KEY  (see: edgefleet builder run --help)",
+              file=sys.stderr)
+        return 2
+    from controller.builder.program import run_builder
+
+    return run_builder(argv[1:])
 
 
 def _passthrough(argv: list[str]) -> int | None:
