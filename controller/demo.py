@@ -248,8 +248,8 @@ async def _flow(ctrl: EmbeddedController, agents: list[AgentProcess], opts: Demo
         f"{ctrl.broker.url}, data {ctrl.data_dir}")
     dclass = local_device_class()
     if ctrl.broker.mqtt_protocol == "3.1.1":
-        say("WARNING: mosquitto is not installed; the embedded amqtt broker speaks MQTT 3.1.1 "
-            "only, so the controller and agents run on MQTT 3.1.1 without TLS or ACLs and "
+        say("WARNING: the broker is the embedded amqtt (mosquitto is not installed, or "
+            "--broker amqtt), which speaks MQTT 3.1.1 only, so the controller and agents run on MQTT 3.1.1 without TLS or ACLs and "
             "refused publishes are invisible (apt-get install mosquitto for the real thing)")
     if ctrl.pki is not None:
         say(f"secure broker: TLS, one certificate per device (CA {ctrl.pki.ca_cert_path}), "

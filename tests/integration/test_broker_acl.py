@@ -310,3 +310,31 @@ async def test_real_agent_heartbeats_through_tls(secure: SecureBroker, tmp_path:
     finally:
         agent.stop()
         await ctrl.stop()
+
+
+@pytest.mark.timeout(300)
+def test_secure_demo_serves_through_tls(tmp_path: Path) -> None:
+    """`edgefleet demo --secure` as a user runs it (one agent): the broker it starts has only a
+    TLS listener with client certificates and the ACL, and the agent still reaches serving."""
+    import subprocess
+    import sys
+
+    if not mosquitto_path():
+        pytest.skip("mosquitto is not installed")
+    repo = Path(__file__).resolve().parents[2]
+    script = Path(sys.executable).with_name("edgefleet")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "controller.cli"]
+    data = tmp_path / "demo"
+    res = subprocess.run([*cmd, "demo", "--secure", "--agents", "1", "--exit-when-ready",
+                          "--port", "0", "--data-dir", str(data), "--timeout", "240"],
+                         capture_output=True, text=True, timeout=280, cwd=repo)
+    out = res.stdout
+    assert res.returncode == 0, f"{out[-4000:]}\n{res.stderr[-4000:]}"
+    assert "secure broker: TLS" in out and "mqtts://127.0.0.1:" in out
+    assert "1/1 serving digits@" in out
+    conf = (data / "broker" / "mosquitto.conf").read_text()
+    assert "require_certificate true" in conf and "allow_anonymous false" in conf
+    assert conf.count("listener ") == 1
+    agent_cfg = (data / "agents" / "demo-1" / "agent.yaml").read_text()
+    assert "device.pem" in agent_cfg
+    assert "refused" not in (data / "agents" / "demo-1" / "agent.log").read_text()
