@@ -338,3 +338,35 @@ def test_secure_demo_serves_through_tls(tmp_path: Path) -> None:
     agent_cfg = (data / "agents" / "demo-1" / "agent.yaml").read_text()
     assert "device.pem" in agent_cfg
     assert "refused" not in (data / "agents" / "demo-1" / "agent.log").read_text()
+
+
+def test_pki_cli_and_agent_tls_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgefleet pki init | issue-device` and the agent config it prints."""
+    import json
+
+    from agent.config import ConfigError, config_from_dict
+    from controller.cli import main
+
+    data = str(tmp_path / "data")
+    assert main(["pki", "init", "--data-dir", data]) == 0
+    assert main(["pki", "init", "--data-dir", data]) == 1          # never silently replaced
+    capsys.readouterr()
+    assert main(["pki", "issue-device", "board-7", "--out", str(tmp_path / "b7"),
+                 "--data-dir", data]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert cert_common_name(Path(info["cert"]).read_bytes()) == "board-7"
+    assert main(["pki", "issue-device", "Bad/Id", "--out", str(tmp_path / "x"),
+                 "--data-dir", data]) == 1
+    assert main(["pki", "issue-device", "controller", "--out", str(tmp_path / "x"),
+                 "--data-dir", data]) == 1
+    root = "A" * 43 + "="
+    cfg = config_from_dict({"device_id": "board-7", "device_class": "cpu-x86-64",
+                            "trust": {"root_public_key": root}, **info["agent_config"]})
+    assert cfg.mqtt.tls.cert == info["cert"] and cfg.mqtt.protocol == "5"
+    with pytest.raises(ConfigError, match="mqtt.protocol"):
+        config_from_dict({"device_id": "b", "device_class": "c",
+                          "trust": {"root_public_key": root}, "mqtt": {"protocol": "4"}})
+    with pytest.raises(ConfigError, match="need mqtt.tls.ca"):
+        config_from_dict({"device_id": "b", "device_class": "c",
+                          "trust": {"root_public_key": root},
+                          "mqtt": {"tls": {"cert": "c.pem", "key": "k.pem"}}})
