@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 from pathlib import Path
 from typing import Any, ClassVar
@@ -53,6 +54,55 @@ def set_default_threads(intra_op_threads: int, *, allow_spinning: bool = False) 
     _DEFAULT_THREADS["spin"] = int(allow_spinning)
 
 
+class _Reaper:
+    """Destroys closed sessions in a background thread. Freeing a session (its weights, its
+    thread pool) holds the GIL for ~1 ms per 8 MB of weights; done inline it would land on
+    the request that released the last lease of a retired engine."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def drop(self, session: Any) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="ort-reaper",
+                                                daemon=True)
+                self._thread.start()
+        self._queue.put(session)
+
+    def _run(self) -> None:
+        # normal priority on purpose: freeing holds the GIL, and a starved reaper would
+        # keep closed engines in memory
+        while True:
+            session = self._queue.get()
+            del session  # the last reference: onnxruntime frees the session here
+
+    def drain(self, timeout_s: float = 5.0) -> bool:
+        """Wait until queued sessions are destroyed (tests, shutdown). True when empty."""
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._queue.put(_Marker(done))
+        return done.wait(timeout_s)
+
+
+class _Marker:
+    """Queued after sessions by ``_Reaper.drain``; sets its event when dropped."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self, event: threading.Event) -> None:
+        self._event = event
+
+    def __del__(self) -> None:
+        self._event.set()
+
+
+_REAPER = _Reaper()
+
+
 class OnnxRuntimeEngine(LoadedEngine):
     """One onnxruntime InferenceSession. ``InferenceSession.run`` is thread-safe."""
 
@@ -83,7 +133,9 @@ class OnnxRuntimeEngine(LoadedEngine):
             if self._closed:
                 return
             self._closed = True
-            self._session = None  # onnxruntime frees the session when the last ref goes
+            session, self._session = self._session, None
+        if session is not None:
+            _REAPER.drop(session)  # freed off the caller's (maybe a request's) path
 
 
 class _OrtBackend(EngineBackend):

@@ -9,6 +9,8 @@ Called by the update pipeline (``agent.update``, from its own thread) through
 smoke-checks the outputs against the signature, and only then swaps the pointer under a
 lock. Requests already holding a lease finish on the old engine; the last lease to end
 closes it. Any failure raises (``Rejected``/``GiveUp``) and leaves the old engine serving.
+The loading work (hash, session creation, warm-up) runs in a short-lived thread with a lower
+OS priority (``load_nice``) so that it does not compete with serving for the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from agent.runtime.base import EngineBackend, LoadedEngine, backend_for
+from agent.runtime.batching import BatchingConfig, DynamicBatcher, check_batchable
+from agent.runtime.priority import run_at_lower_priority
 from agent.telemetry.metrics import ServingStats
 from protos.edgefleet.v1.common_pb2 import EngineFingerprint, ModelSignature
 from protos.edgefleet.v1.device_pb2 import ServedModel
@@ -60,14 +64,15 @@ class ServedModelInfo:
 class _Entry:
     """One loaded engine plus its in-flight count."""
 
-    __slots__ = ("closed", "engine", "engine_kind", "inflight", "name", "precision", "retired",
-                 "sha256", "variant", "version")
+    __slots__ = ("batcher", "closed", "engine", "engine_kind", "inflight", "name", "precision",
+                 "retired", "sha256", "variant", "version")
 
     def __init__(self, *, name: str, version: int, variant: str, sha256: str, engine_kind: str,
                  precision: str, engine: LoadedEngine) -> None:
         self.name, self.version, self.variant = name, version, variant
         self.sha256, self.engine_kind, self.precision = sha256, engine_kind, precision
         self.engine = engine
+        self.batcher: DynamicBatcher | None = None
         self.inflight = 0
         self.retired = False
         self.closed = threading.Event()
@@ -133,6 +138,18 @@ class EngineLease:
     def __enter__(self) -> LoadedEngine:
         return self._entry.engine
 
+    def infer(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """Run ``inputs`` (through the model's dynamic batcher when batching is configured);
+        returns the outputs and the rows of the inference this call ran (0 when the request
+        rode along in another request's batch: one count per execution). Call inside the
+        ``with`` block."""
+        batcher = self._entry.batcher
+        if batcher is not None:
+            return batcher.infer(inputs)
+        first = next(iter(inputs.values()), None)
+        rows = int(first.shape[0]) if first is not None and first.ndim else 1
+        return self._entry.engine.infer(inputs), rows
+
     def __exit__(self, *exc: object) -> None:
         self._registry._release(self._entry, self._limiter)
 
@@ -142,8 +159,10 @@ class ModelRegistry:
 
     def __init__(self, *, backends: Mapping[str, EngineBackend] | None = None,
                  warmup_runs: int = 3, max_concurrency: int = 0, queue_timeout_s: float = 5.0,
-                 verify_sha256: bool = True, stats: ServingStats | None = None) -> None:
+                 verify_sha256: bool = True, stats: ServingStats | None = None,
+                 load_nice: int = 10) -> None:
         self._backends = dict(backends or {})
+        self._load_nice = load_nice
         self._warmup_runs = max(1, warmup_runs)
         self._queue_timeout_s = queue_timeout_s
         self._verify_sha256 = verify_sha256
@@ -152,6 +171,7 @@ class ModelRegistry:
         self._activate_lock = threading.Lock()
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._limiters: dict[str, _Limiter] = {}
+        self._batching: dict[str, BatchingConfig] = {}
         self._preferred_variant = ""
         self.stats = stats or ServingStats()
 
@@ -217,18 +237,30 @@ class ModelRegistry:
         with self._activate_lock:
             backend = self._backend(fingerprint.engine_kind)
             backend.check_fingerprint(fingerprint)
-            if self._verify_sha256:
-                _check_sha256(Path(path), sha256)
-            engine = backend.load(Path(path), signature=signature)
-            try:
-                smoke_check(engine, expected=signature if signature and signature.outputs
-                            else engine.signature, runs=self._warmup_runs)
-            except BaseException:
-                engine.close()
-                raise
+
+            def load() -> LoadedEngine:
+                if self._verify_sha256:
+                    _check_sha256(Path(path), sha256)
+                engine = backend.load(Path(path), signature=signature)
+                try:
+                    smoke_check(engine, expected=signature if signature and signature.outputs
+                                else engine.signature, runs=self._warmup_runs)
+                except BaseException:
+                    engine.close()
+                    raise
+                return engine
+
+            engine = run_at_lower_priority(load, nice=self._load_nice)
             entry = _Entry(name=name, version=version, variant=variant, sha256=sha256,
                            engine_kind=fingerprint.engine_kind,
                            precision=fingerprint.precision or "fp32", engine=engine)
+            config = self._batching.get(name)
+            if config is not None:
+                try:
+                    check_batchable(engine.signature, model=name)
+                    entry.batcher = DynamicBatcher(engine, config)
+                except Rejected as e:  # a serving option never blocks an update
+                    log.warning("version %d served without batching: %s", version, e)
             with self._lock:
                 old = self._entries.get((name, variant))
                 self._entries[(name, variant)] = entry
@@ -283,6 +315,37 @@ class ModelRegistry:
             limiters = list(self._limiters.values())
         for limiter in limiters:
             limiter.set_limit(limit)
+
+    def configure_batching(self, name: str, *, max_batch_size: int,
+                           max_queue_delay_ms: float) -> None:
+        """Dynamic batching for model ``name``: concurrent requests with the same input shapes
+        except the first dimension run as one inference of up to ``max_batch_size`` rows; the
+        first waits at most ``max_queue_delay_ms`` for others. ``max_batch_size <= 1`` turns
+        it off. Applies to the loaded engines of ``name`` and to later versions. Raises
+        ``Rejected(reason="batching_unsupported")`` when the loaded model has no dynamic
+        batch dimension (a later version without one is served unbatched, with a warning),
+        ``ValueError`` for out-of-range settings."""
+        if max_batch_size <= 1:
+            with self._lock:
+                self._batching.pop(name, None)
+                for (n, _v), e in self._entries.items():
+                    if n == name:
+                        e.batcher = None
+            return
+        config = BatchingConfig(max_batch_size=max_batch_size,
+                                max_queue_delay_ms=max_queue_delay_ms)
+        with self._lock:
+            entries = [e for (n, _v), e in self._entries.items() if n == name]
+        for e in entries:
+            check_batchable(e.engine.signature, model=name)
+        with self._lock:
+            self._batching[name] = config
+            for e in entries:
+                e.batcher = DynamicBatcher(e.engine, config)
+
+    def batching(self, name: str) -> BatchingConfig | None:
+        """The batching settings of ``name`` (None = off)."""
+        return self._batching.get(name)
 
     @property
     def max_concurrency(self) -> int:

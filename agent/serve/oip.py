@@ -126,11 +126,10 @@ class OipApp:
         try:
             with lease as engine:
                 inputs = _decode_inputs(header, binary, engine.signature)
-                first = next(iter(inputs.values()), None)
-                if first is not None and first.ndim:
-                    batch = int(first.shape[0])
                 try:
-                    outputs = engine.infer(inputs)
+                    # batch = rows of the inference this request ran (with dynamic batching,
+                    # 0 for requests that rode in another's batch: counts are per execution)
+                    outputs, batch = lease.infer(inputs)
                 except EdgefleetError:
                     raise
                 except Exception as e:
