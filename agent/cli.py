@@ -1,5 +1,6 @@
 """Console script ``edgefleet-agent``: ``run --config FILE``, ``status --config FILE``,
-``enroll`` (writes a config file that pins the fleet's root key).
+``enroll`` (gets identity and trust root from the controller with a bootstrap token, or
+writes a config offline from a given root key: agent/enroll.py).
 
 ``run`` starts :class:`agent.app.Agent` and blocks until SIGTERM/SIGINT (systemd stop).
 ``status`` prints, as JSON, what the persisted state says: committed slots and the update
@@ -9,7 +10,6 @@ in progress for each model (works while the agent is stopped).
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import signal
@@ -17,9 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from agent.config import AgentConfig, ConfigError, config_to_dict, load_config
+from agent.config import AgentConfig, ConfigError, load_config
 
 
 def _setup_logging(level: str, device_id: str) -> None:
@@ -77,24 +75,38 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    root = Path(args.root_public_key).read_bytes() if Path(args.root_public_key).is_file() \
-        else base64.b64decode(args.root_public_key)
-    if len(root) != 32:  # a file may hold base64 text
-        root = base64.b64decode(root.strip())
-    data: dict[str, Any] = {
-        "device_id": args.device_id, "device_class": args.device_class,
-        "data_dir": args.data_dir,
-        "mqtt": {"host": args.mqtt_host, "port": args.mqtt_port},
-        "trust": {"root_public_key": base64.b64encode(root).decode()},
-    }
-    from agent.config import config_from_dict
+    from agent.enroll import EnrollError, enroll_offline, enroll_online
 
-    cfg = config_from_dict(data)  # validates
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    full = config_to_dict(cfg)
-    out.write_text(yaml.safe_dump(full, sort_keys=False))
-    print(f"wrote {out} for device {cfg.device_id} (class {cfg.device_class})")
+    if args.controller:
+        if not args.token:
+            raise ConfigError("enroll --controller needs --token (from `edgefleet token create`)")
+        if args.tls_ca or args.tls_cert or args.tls_key:
+            raise ConfigError("--tls-ca/--tls-cert/--tls-key are for the offline form; "
+                              "online enrollment gets its certificate from the controller")
+        try:
+            cfg = enroll_online(controller_url=args.controller, token=args.token,
+                                device_id=args.device_id, device_class=args.device_class,
+                                data_dir=args.data_dir, out=out,
+                                expected_root=args.root_public_key or "",
+                                controller_ca=args.controller_ca)
+        except EnrollError as e:
+            print(f"edgefleet-agent: enrollment failed: {e}", file=sys.stderr)
+            return 1
+    elif args.root_public_key:
+        if args.token:
+            raise ConfigError("--token needs --controller URL")
+        cfg = enroll_offline(root_public_key=args.root_public_key, device_id=args.device_id,
+                             device_class=args.device_class, data_dir=args.data_dir, out=out,
+                             mqtt_host=args.mqtt_host, mqtt_port=args.mqtt_port,
+                             mqtt_protocol=args.mqtt_protocol, tls_ca=args.tls_ca,
+                             tls_cert=args.tls_cert, tls_key=args.tls_key)
+    else:
+        raise ConfigError("enroll needs --controller URL --token T (online) or "
+                          "--root-public-key KEY (offline)")
+    tls = " with a TLS identity" if cfg.mqtt.tls.cert else ""
+    print(f"wrote {out} for device {cfg.device_id} (class {cfg.device_class}){tls}; "
+          f"MQTT {cfg.mqtt.host}:{cfg.mqtt.port}")
     return 0
 
 
@@ -108,13 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="print the persisted update/slot state as JSON")
     st.add_argument("--config", required=True)
     st.set_defaults(func=cmd_status)
-    en = sub.add_parser("enroll", help="write a config pinning the fleet root key")
+    en = sub.add_parser(
+        "enroll", help="get identity + trust root from the controller with a bootstrap token "
+                       "(--controller --token), or write a config offline (--root-public-key)")
     en.add_argument("--device-id", required=True)
     en.add_argument("--device-class", required=True)
-    en.add_argument("--root-public-key", required=True,
-                    help="base64 raw Ed25519 root public key, or a file holding it")
-    en.add_argument("--mqtt-host", default="127.0.0.1")
-    en.add_argument("--mqtt-port", type=int, default=1883)
+    en.add_argument("--controller", default="", help="controller URL, e.g. http://ctl:8080")
+    en.add_argument("--token", default="", help="bootstrap token (edgefleet token create)")
+    en.add_argument("--controller-ca", default="",
+                    help="CA bundle to verify an https:// controller (default: system CAs)")
+    en.add_argument("--root-public-key", default="",
+                    help="base64 raw Ed25519 root public key, or a file holding it; online: "
+                         "refuse a controller whose root differs")
+    en.add_argument("--mqtt-host", default="127.0.0.1", help="offline form only")
+    en.add_argument("--mqtt-port", type=int, default=1883, help="offline form only")
+    en.add_argument("--mqtt-protocol", default="5", choices=["5", "3.1.1"],
+                    help="offline form only")
+    en.add_argument("--tls-ca", default="", help="offline: CA of the broker certificate")
+    en.add_argument("--tls-cert", default="", help="offline: this device's certificate")
+    en.add_argument("--tls-key", default="", help="offline: this device's private key")
     en.add_argument("--data-dir", default="/var/lib/edgefleet-agent")
     en.add_argument("--out", default="/etc/edgefleet/agent.yaml")
     en.set_defaults(func=cmd_enroll)

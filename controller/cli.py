@@ -3,7 +3,8 @@
 Subcommands: ``up`` (embedded controller, broker and dashboard: controller/embedded.py),
 ``apply -f``, ``get``, ``delete``, ``push`` (HTTP client: controller/cli_client.py),
 ``keys init|rotate|revoke|show`` (controller/ota/keys.py), ``pki init|issue-device|show``
-(MQTT certificates, controller/pki.py), ``delta make|apply``
+(MQTT certificates, controller/pki.py), ``token create|list|revoke`` (bootstrap tokens for
+``edgefleet-agent enroll``, controller/api/enroll.py), ``delta make|apply``
 (protos/codecs/cli.py), ``compile`` (controller/compile/cli.py) and ``demo`` (controller/demo.py).
 The server URL comes from ``--server``, else ``$EDGEFLEET_SERVER``, else http://127.0.0.1:8080.
 Errors print one ``error: ...`` line and exit non-zero; no tracebacks for bad input.
@@ -36,10 +37,68 @@ def _server(args: argparse.Namespace) -> str:
 def _cmd_up(args: argparse.Namespace) -> int:
     from controller.embedded import EmbeddedOptions, run_embedded
 
+    adv_host, _, adv_port = args.advertise_mqtt.rpartition(":") if ":" in \
+        args.advertise_mqtt.strip("[]") else (args.advertise_mqtt, "", "")
+    if adv_port and not adv_port.isdigit():
+        print(f"error: --advertise-mqtt {args.advertise_mqtt}: port must be a number",
+              file=sys.stderr)
+        return 2
     opts = EmbeddedOptions(data_dir=Path(args.data_dir), api_host=args.host, api_port=args.port,
                            mqtt_host=args.mqtt_host, mqtt_port=args.mqtt_port,
-                           broker_url=args.broker_url, broker=args.broker, tls=args.tls)
+                           broker_url=args.broker_url, broker=args.broker, tls=args.tls,
+                           advertise_mqtt_host=adv_host, advertise_mqtt_port=int(adv_port or 0),
+                           builders_file=Path(args.builders) if args.builders else None)
     return run_embedded(opts)
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    """``edgefleet token create|list|revoke``: bootstrap tokens (controller/api/enroll.py)."""
+    from controller.cli_client import _raise_for, client
+    from controller.fleet.enroll import parse_duration_s
+
+    with client(_server(args)) as c:
+        if args.action == "create":
+            resp = c.post("/api/v1/tokens", json={
+                "ttl_s": parse_duration_s(args.ttl), "uses": args.uses,
+                "device_class": args.device_class, "id_prefix": args.prefix,
+                "reenroll": args.reenroll, "note": args.note})
+            _raise_for(resp)
+            info = resp.json()
+            if args.output == "json":
+                print(json.dumps(info, indent=2))
+            else:
+                print(info["token"])
+                print(f"token {info['id']}: {info['uses_left']} use(s), expires "
+                      f"{_when(info['expires_ms'])}; shown once, keep it secret",
+                      file=sys.stderr)
+            return 0
+        if args.action == "revoke":
+            if not args.token_id:
+                print("error: token revoke needs a TOKEN_ID (see edgefleet token list)",
+                      file=sys.stderr)
+                return 2
+            resp = c.delete(f"/api/v1/tokens/{args.token_id}")
+            _raise_for(resp)
+            print(f"revoked {resp.json()['id']}")
+            return 0
+        resp = c.get("/api/v1/tokens")
+        _raise_for(resp)
+        items = resp.json()["items"]
+    if args.output == "json":
+        print(json.dumps(items, indent=2))
+        return 0
+    print(f"{'ID':<18}{'STATE':<9}{'USES':<8}{'EXPIRES':<22}{'CLASS':<16}{'PREFIX':<12}NOTE")
+    for t in items:
+        print(f"{t['id']:<18}{t['state']:<9}{str(t['uses_left']) + '/' + str(t['uses_total']):<8}"
+              f"{_when(t['expires_ms']):<22}{t['device_class'] or '*':<16}"
+              f"{t['id_prefix'] or '*':<12}{t['note']}")
+    return 0
+
+
+def _when(ms: int) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
 
 
 def _cmd_pki(args: argparse.Namespace) -> int:
@@ -188,7 +247,27 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto")
     up.add_argument("--tls", action="store_true",
                     help="broker with TLS, per-device certificates and ACL (needs mosquitto)")
+    up.add_argument("--advertise-mqtt", default="", metavar="HOST[:PORT]",
+                    help="broker address given to enrolling boards (default: --mqtt-host and "
+                         "the broker's port); with --tls it is added to the server certificate")
+    up.add_argument("--builders", default="", metavar="FILE",
+                    help="trusted remote builders JSON {id: base64 public key}: start the "
+                         "build dispatcher (docs/builder.md)")
     up.set_defaults(func=_cmd_up)
+
+    tk = sub.add_parser("token", help="bootstrap tokens for `edgefleet-agent enroll`: "
+                                      "create | list | revoke TOKEN_ID")
+    tk.add_argument("action", choices=["create", "list", "revoke"])
+    tk.add_argument("token_id", nargs="?")
+    tk.add_argument("--ttl", default="24h", help="create: lifetime (3600, 15m, 24h, 7d)")
+    tk.add_argument("--uses", type=int, default=1, help="create: enrollments allowed")
+    tk.add_argument("--device-class", default="", help="create: only this device class")
+    tk.add_argument("--prefix", default="", help="create: only device ids with this prefix")
+    tk.add_argument("--reenroll", action="store_true",
+                    help="create: may enroll a device id the controller already knows")
+    tk.add_argument("--note", default="", help="create: free text shown by list")
+    tk.add_argument("-o", "--output", choices=["json"])
+    tk.set_defaults(func=_cmd_token)
 
     pk = sub.add_parser("pki", help="MQTT certificates: init | issue-device ID --out DIR | "
                                     "issue-server HOST[,HOST] | issue-controller | show")

@@ -10,6 +10,11 @@ artifact store, keys, broker config and log.
 created on first start), a Mosquitto TLS listener with client certificates and the device ACL
 (controller/broker.py), and the controller connecting with its own certificate. When the
 broker is the amqtt fallback (MQTT 3.1.1 only) the controller speaks MQTT 3.1.1.
+
+``builders_file`` (``edgefleet up --builders FILE``): a BuildDispatcher for those trusted
+remote builders (docs/builder.md), its HTTP routes on the API, ``core.build_dispatcher`` set.
+``advertise_mqtt_host/port``: the broker address given to boards that enroll
+(``POST /api/v1/enroll``, controller/api/enroll.py).
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class EmbeddedOptions:
     broker_url: str = ""             # use this broker; start none
     broker: str = "auto"             # auto | mosquitto | amqtt
     tls: bool = False                # TLS + client certificates + ACL (needs mosquitto)
+    advertise_mqtt_host: str = ""    # broker host told to enrolling boards ("" = mqtt_host)
+    advertise_mqtt_port: int = 0     # 0 = the broker's port
+    builders_file: Path | None = None  # trusted builders JSON: start a BuildDispatcher
     settings_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,6 +88,7 @@ class EmbeddedController:
         self.core: Any = None
         self.keys: Any = None
         self.pki: Any = None             # controller.pki.CertificateAuthority when tls
+        self.build_dispatcher: Any = None  # controller.builder.BuildDispatcher (builders_file)
         self._server: _QuietServer | None = None
         self._server_task: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
@@ -103,6 +112,8 @@ class EmbeddedController:
             external_url=self.opts.broker_url or None, prefer=self.opts.broker, tls=tls)
         try:
             overrides = {"mqtt_protocol": self.broker.mqtt_protocol, **tls_settings,
+                         "enroll_mqtt_host": self.opts.advertise_mqtt_host,
+                         "enroll_mqtt_port": self.opts.advertise_mqtt_port,
                          **self.opts.settings_overrides}
             settings = Settings(data_dir=self.data_dir, mqtt_host=self.broker.host,
                                 mqtt_port=self.broker.port, **overrides)
@@ -114,8 +125,10 @@ class EmbeddedController:
             await self.core.start()
             self._sock = _bind(self.opts.api_host, self.opts.api_port)
             self.api_port = int(self._sock.getsockname()[1])
-            config = uvicorn.Config(create_app(self.core), log_level="warning", lifespan="off",
-                                    access_log=False)
+            app = create_app(self.core)
+            if self.opts.builders_file is not None:
+                await self._start_builds(app, settings)
+            config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
             self._server = _QuietServer(config)
             self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
             while not self._server.started:
@@ -129,6 +142,28 @@ class EmbeddedController:
         log.info("edgefleet is up: dashboard and API at %s, MQTT broker (%s) at %s",
                  self.url, self.broker.kind, self.broker.url)
 
+    async def _start_builds(self, app: Any, settings: Any) -> None:
+        """The remote-build dispatcher for the builders in ``builders_file`` (docs/builder.md)."""
+        from controller.builder.dispatcher import BuildDispatcher
+        from controller.builder.http import install_builder_routes
+        from controller.builder.protocol import load_trusted_builders
+
+        assert self.opts.builders_file is not None and self.core is not None
+        trusted = load_trusted_builders(Path(self.opts.builders_file))
+        d = BuildDispatcher(store=self.core.store, keys=self.core.keys, trusted_builders=trusted,
+                            mqtt_host=settings.mqtt_host, mqtt_port=settings.mqtt_port,
+                            work_dir=self.data_dir / "work",
+                            mqtt_username=settings.mqtt_username,
+                            mqtt_password=settings.mqtt_password,
+                            mqtt_options=settings.aiomqtt_options(),
+                            publish_key_list=False)   # ControllerCore publishes it
+        await d.start()
+        self.build_dispatcher = d
+        self.core.build_dispatcher = d
+        install_builder_routes(app, d)
+        log.info("build dispatcher started: %d trusted builder(s) from %s (%s)", len(trusted),
+                 self.opts.builders_file, ", ".join(sorted(trusted)) or "none")
+
     def _tls_files(self) -> tuple[Any, dict[str, str]]:
         """With ``tls``: the CA, the broker's and the controller's identities (made once)."""
         if not self.opts.tls:
@@ -137,7 +172,8 @@ class EmbeddedController:
         from controller.pki import CertificateAuthority
 
         self.pki = CertificateAuthority.load_or_init(self.data_dir / "pki")
-        hosts = list(dict.fromkeys([self.opts.mqtt_host, "127.0.0.1", "localhost"]))
+        hosts = list(dict.fromkeys([h for h in (self.opts.mqtt_host, "127.0.0.1", "localhost",
+                                                self.opts.advertise_mqtt_host) if h]))
         server = self.pki.ensure_server(hosts)
         ctl = self.pki.ensure_controller()
         settings = {"mqtt_tls_ca": str(ctl.ca), "mqtt_tls_cert": str(ctl.cert),
@@ -154,6 +190,12 @@ class EmbeddedController:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self.build_dispatcher is not None:
+            try:
+                await self.build_dispatcher.stop()
+            except Exception:
+                log.exception("error while stopping the build dispatcher")
+            self.build_dispatcher = None
         if self.core is not None:
             try:
                 await self.core.stop()

@@ -1,6 +1,7 @@
 """A small X.509 certificate authority for MQTT identities (broker, controller, devices).
 
-Used by ``edgefleet pki ...`` (controller/cli.py), by the embedded controller when the broker
+Used by ``edgefleet pki ...`` (controller/cli.py), by enrollment (``sign_device_csr``,
+controller/fleet/enroll.py), by the embedded controller when the broker
 runs with TLS (controller/embedded.py: ``tls=True``, ``edgefleet up --tls``/``demo --secure``)
 and by tests. Every identity is an ECDSA P-256 key and a certificate signed by the fleet CA:
 
@@ -38,6 +39,17 @@ CA_CN = "edgefleet fleet CA"
 CA_DAYS = 3650
 LEAF_DAYS = 825
 RESERVED_IDS = frozenset({"controller", "edgefleet", "broker"})
+MAX_CSR_BYTES = 16 * 1024
+CSR_CURVES = ("secp256r1", "secp384r1")
+
+
+def check_device_id(device_id: str) -> None:
+    """Rejected (reason ``bad_device_id``) unless ``device_id`` may be a certificate CN."""
+    if not topics.valid_device_id(device_id):
+        raise Rejected(f"invalid device id {device_id!r}: use [a-z0-9._-], 1-63 chars",
+                       reason="bad_device_id")
+    if device_id in RESERVED_IDS:
+        raise Rejected(f"device id {device_id!r} is reserved", reason="bad_device_id")
 
 
 def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
@@ -131,11 +143,18 @@ class CertificateAuthority:
     def _issue(self, cn: str, *, server_hosts: list[str] | None = None,
                client: bool = True, days: int = LEAF_DAYS) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._certificate(cn, key.public_key(), server_hosts=server_hosts,
+                                 client=client, days=days)
+        return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+
+    def _certificate(self, cn: str, public_key: ec.EllipticCurvePublicKey, *,
+                     server_hosts: list[str] | None = None, client: bool = True,
+                     days: int = LEAF_DAYS) -> x509.Certificate:
         now = _now()
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
         b = (x509.CertificateBuilder()
              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-             .issuer_name(self.ca_cert.subject).public_key(key.public_key())
+             .issuer_name(self.ca_cert.subject).public_key(public_key)
              .serial_number(x509.random_serial_number())
              .not_valid_before(now - datetime.timedelta(minutes=5))
              .not_valid_after(now + datetime.timedelta(days=days))
@@ -152,17 +171,41 @@ class CertificateAuthority:
                     sans.append(x509.DNSName(h))
             b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         b = b.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        cert = b.sign(self._ca_key, hashes.SHA256())
-        return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+        return b.sign(self._ca_key, hashes.SHA256())
 
     def issue_device_cert(self, device_id: str, *, days: int = LEAF_DAYS) -> tuple[bytes, bytes]:
         """(key_pem, cert_pem) for a device: CN = ``device_id`` (validated), client auth."""
-        if not topics.valid_device_id(device_id):
-            raise Rejected(f"invalid device id {device_id!r}: use [a-z0-9._-], 1-63 chars",
-                           reason="bad_device_id")
-        if device_id in RESERVED_IDS:
-            raise Rejected(f"device id {device_id!r} is reserved", reason="bad_device_id")
+        check_device_id(device_id)
         return self._issue(device_id, days=days)
+
+    def sign_device_csr(self, device_id: str, csr_pem: bytes, *,
+                        days: int = LEAF_DAYS) -> bytes:
+        """A device certificate (PEM) for the key in ``csr_pem``: the device keeps its private
+        key (enrollment, controller/fleet/enroll.py). The CSR must carry a valid self-signature
+        over an EC P-256 or P-384 key; its subject must be empty or CN = ``device_id``. Only the
+        public key is taken from it: CN, validity and usages are the CA's choice."""
+        check_device_id(device_id)
+        if len(csr_pem) > MAX_CSR_BYTES:
+            raise Rejected(f"CSR of {len(csr_pem)} bytes is over {MAX_CSR_BYTES}",
+                           reason="bad_csr")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+            signature_ok = csr.is_signature_valid
+            public_key = csr.public_key()
+        except (ValueError, TypeError) as e:
+            raise Rejected(f"CSR is not a PEM certificate request: {e}", reason="bad_csr") from e
+        if not signature_ok:
+            raise Rejected("CSR signature does not verify (not made with its own key)",
+                           reason="bad_csr")
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or \
+                public_key.curve.name not in CSR_CURVES:
+            raise Rejected("CSR key must be EC P-256 or P-384", reason="bad_csr")
+        cns = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if cns and cns != [device_id]:
+            raise Rejected(f"CSR names CN {cns[0]!r}, not the device id {device_id!r}",
+                           reason="bad_csr")
+        cert = self._certificate(device_id, public_key, days=days)
+        return cert.public_bytes(serialization.Encoding.PEM)
 
     def issue_server_cert(self, hosts: list[str], *, days: int = LEAF_DAYS) -> tuple[bytes, bytes]:
         """(key_pem, cert_pem) for the broker: subjectAltName = ``hosts`` (names or IPs)."""

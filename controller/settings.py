@@ -33,6 +33,14 @@ class Settings:
     # MQTT 5 shared subscription group for telemetry ingest ("" = plain subscriptions)
     shared_group: str = "edgefleet-controller"
     keys_dir: Path | None = None           # None = {data_dir}/keys
+    # enrollment (controller/fleet/enroll.py, POST /api/v1/enroll): what boards are told
+    enroll_mqtt_host: str = ""             # broker host for boards ("" = mqtt_host)
+    enroll_mqtt_port: int = 0              # 0 = mqtt_port
+    pki_dir: Path | None = None            # CA signing device CSRs (None = {data_dir}/pki)
+    enroll_cert_days: int = 825
+    max_enroll_request_bytes: int = 64 * 1024
+    max_token_ttl_s: int = 30 * 24 * 3600
+    max_token_uses: int = 10000
     store_dir: Path | None = None          # None = {data_dir}/store
     # OTA
     chunk_size_bytes: int = 131072         # never above MAX_CHUNK_SIZE_BYTES
@@ -86,6 +94,10 @@ class Settings:
     @property
     def resolved_db_url(self) -> str:
         return self.db_url or f"sqlite:///{self.data_dir / 'edgefleet.db'}"
+
+    @property
+    def resolved_pki_dir(self) -> Path:
+        return Path(self.pki_dir) if self.pki_dir else self.data_dir / "pki"
 
     @property
     def resolved_keys_dir(self) -> Path:

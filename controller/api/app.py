@@ -3,8 +3,9 @@
 Built by ``create_app(core)``; served by controller/embedded.py (``edgefleet up``) with uvicorn
 and by tests with httpx. Reads come straight from the fleet database (controller/api/queries.py);
 writes (apply, delete, artifact upload) go through the ``ControllerCore`` so that validation,
-storage and reconciling live in one place. Bad input answers 4xx with a message, never a 500:
-invalid resources -> 422 naming the field, oversized bodies -> 413.
+storage and reconciling live in one place. Enrollment and bootstrap tokens are in
+controller/api/enroll.py (POST /api/v1/enroll, /api/v1/tokens). Bad input answers 4xx with a
+message, never a 500: invalid resources -> 422 naming the field, oversized bodies -> 413.
 """
 
 from __future__ import annotations
@@ -155,6 +156,11 @@ def create_app(core: Any) -> FastAPI:
         status = _error_status(e)
         log.info("API request refused (%d, %s): %s", status, e.reason, e)
         return JSONResponse({"detail": str(e), "reason": e.reason}, status_code=status)
+
+    from controller.api.enroll import install_enroll_routes
+
+    # before the generic DELETE /api/v1/{kind}/{name}: DELETE /api/v1/tokens/{id} is a token
+    install_enroll_routes(app, core)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

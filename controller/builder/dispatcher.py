@@ -120,7 +120,8 @@ class BuildDispatcher:
     def __init__(self, *, store: ArtifactStore, keys: KeyStore, trusted_builders: dict[str, bytes],
                  mqtt_host: str, mqtt_port: int, work_dir: Path,
                  limits: BuilderLimits | None = None, mqtt_username: str | None = None,
-                 mqtt_password: str | None = None, publish_key_list: bool = True) -> None:
+                 mqtt_password: str | None = None, publish_key_list: bool = True,
+                 mqtt_options: dict[str, Any] | None = None) -> None:
         self.store = store
         self.keys = keys
         self.trusted = dict(trusted_builders)
@@ -128,6 +129,9 @@ class BuildDispatcher:
         self.mqtt_username, self.mqtt_password = mqtt_username, mqtt_password
         self.limits = limits or BuilderLimits()
         self.publish_key_list = publish_key_list
+        # aiomqtt.Client keyword arguments: protocol + TLS (controller Settings.aiomqtt_options)
+        self.mqtt_options: dict[str, Any] = dict(
+            mqtt_options or {"protocol": aiomqtt.ProtocolVersion.V5})
         self.staging = Path(work_dir) / "builds"
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -161,9 +165,10 @@ class BuildDispatcher:
         while True:
             try:
                 async with aiomqtt.Client(
-                    self.mqtt_host, self.mqtt_port, protocol=aiomqtt.ProtocolVersion.V5,
+                    self.mqtt_host, self.mqtt_port,
                     identifier=f"edgefleet-builds-{uuid.uuid4().hex[:8]}", keepalive=30,
                     username=self.mqtt_username, password=self.mqtt_password,
+                    **self.mqtt_options,
                 ) as client:
                     await client.subscribe(topics.builder_subscription(topics.BUILDER_ANNOUNCE),
                                            qos=1)

@@ -15,7 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
-from controller.fleet import models  # noqa: F401  (registers the tables)
+from controller.fleet import enroll, models  # noqa: F401  (registers the tables)
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
