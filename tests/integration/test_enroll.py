@@ -201,3 +201,39 @@ async def test_enroll_refusals(ctrl: EmbeddedController) -> None:
                               "-o", "json"])
     states = {t["id"]: t["state"] for t in json.loads(out)}
     assert states[tid] == "revoked"
+
+
+def test_offline_enroll_with_tls_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The offline form keeps working and takes the TLS files given by the operator."""
+    import base64
+
+    from agent.cli import main
+    from agent.config import load_config
+    from controller.pki import CertificateAuthority
+
+    root = base64.b64encode(bytes(range(32))).decode()
+    files = CertificateAuthority.init(tmp_path / "pki").device_files("cam-3", tmp_path / "tls")
+    out = tmp_path / "agent.yaml"
+    assert main(["enroll", "--device-id", "cam-3", "--device-class", "cpu-x86-64",
+                 "--root-public-key", root, "--mqtt-host", "mqtt.example", "--mqtt-port", "8883",
+                 "--tls-ca", str(files.ca), "--tls-cert", str(files.cert),
+                 "--tls-key", str(files.key), "--data-dir", str(tmp_path / "d"),
+                 "--out", str(out)]) == 0
+    cfg = load_config(out)
+    assert (cfg.mqtt.host, cfg.mqtt.port, cfg.trust.root_public_key) == (
+        "mqtt.example", 8883, root)
+    assert cfg.mqtt.tls.cert == str(files.cert.resolve())
+    # a key without its certificate, a missing file, online without a token: clear errors
+    assert main(["enroll", "--device-id", "cam-3", "--device-class", "c", "--root-public-key",
+                 root, "--tls-ca", str(files.ca), "--tls-key", str(files.key),
+                 "--out", str(tmp_path / "x.yaml")]) == 2
+    assert main(["enroll", "--device-id", "cam-3", "--device-class", "c", "--root-public-key",
+                 root, "--tls-ca", str(tmp_path / "nope.pem"), "--out", str(tmp_path / "x.yaml")
+                 ]) == 2
+    assert main(["enroll", "--device-id", "cam-3", "--device-class", "c",
+                 "--controller", "http://127.0.0.1:9"]) == 2
+    assert main(["enroll", "--device-id", "cam-3", "--device-class", "c",
+                 "--controller", "http://127.0.0.1:9", "--token", "t",
+                 "--out", str(tmp_path / "x.yaml")]) == 1          # nothing listens there
+    assert "cannot reach the controller" in capsys.readouterr().err
+    assert not (tmp_path / "x.yaml").exists()
