@@ -127,8 +127,9 @@ def token_view(t: EnrollToken) -> dict[str, Any]:
             "note": t.note, "revoked_ms": t.revoked_ms, "last_used_ms": t.last_used_ms}
 
 
-def _event(s: Session, *, name: str, reason: str, message: str, warning: bool = False) -> None:
-    s.add(Event(at_ms=_now_ms(), kind="Device", name=name[:63],
+def _event(s: Session, *, name: str, reason: str, message: str, warning: bool = False,
+           kind: str = "Device") -> None:
+    s.add(Event(at_ms=_now_ms(), kind=kind, name=name[:63],
                 type="Warning" if warning else "Normal", reason=reason, message=message[:500]))
 
 
@@ -156,7 +157,7 @@ def create_token(engine: Engine, *, ttl_s: int, uses: int = 1, device_class: str
                       note=note[:200])
     with Session(engine, expire_on_commit=False) as s:
         s.add(row)
-        _event(s, name=f"token/{row.token_id}", reason="TokenCreated",
+        _event(s, kind="BootstrapToken", name=row.token_id, reason="TokenCreated",
                message=f"bootstrap token {row.token_id}: {uses} use(s), expires in {ttl_s} s"
                        f"{', class ' + device_class if device_class else ''}"
                        f"{', id prefix ' + repr(id_prefix) if id_prefix else ''}")
@@ -180,7 +181,7 @@ def revoke_token(engine: Engine, token_id: str) -> dict[str, Any] | None:
         if t.revoked_ms is None:
             t.revoked_ms = _now_ms()
             s.add(t)
-            _event(s, name=f"token/{token_id}", reason="TokenRevoked",
+            _event(s, kind="BootstrapToken", name=token_id, reason="TokenRevoked",
                    message=f"bootstrap token {token_id} revoked")
             s.commit()
             log.info("bootstrap token %s revoked", token_id)
