@@ -85,7 +85,7 @@ class Agent:
         self.heartbeats = HeartbeatBuilder(
             device_id=self.cfg.device_id, device_class=self.cfg.device_class,
             facts=device_facts(), served=self._served, progress=self.updates.progress,
-            health=self._health, serve_url=serve_url)
+            health=self._health, serve_url=serve_url, labels=self.cfg.labels)
         self.updates.start()
         self.link.start()
         self._thread = threading.Thread(target=self._loop, name="agent-telemetry", daemon=True)
@@ -119,6 +119,8 @@ class Agent:
         from protos.edgefleet.v1 import update_pb2
         from protos.errors import Rejected
 
+        if not data:  # retained desired state cleared
+            return
         try:
             env = envelope.parse_envelope(data, max_bytes=self.cfg.limits.max_envelope_bytes)
             ds = self.trust.state.verify(env, update_pb2.DesiredState)

@@ -100,6 +100,7 @@ class ControllerCore:
         self.build_dispatcher: Any = None
         self.reconcile_count = 0
         self._stopping = False
+        self._wake: asyncio.TimerHandle | None = None   # earliest requested re-reconcile
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self, *, reconcile: bool = True) -> None:
@@ -122,6 +123,9 @@ class ControllerCore:
     async def stop(self) -> None:
         self._stopping = True      # wait_for may swallow a cancel that races a kick (3.11)
         self._kick.set()
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
         tasks = self._tasks + list(self._running.values())
         for t in tasks:
             t.cancel()
@@ -139,6 +143,21 @@ class ControllerCore:
     def kick(self) -> None:
         """Ask the reconcile loop to run now."""
         self._kick.set()
+
+    def kick_after(self, delay_s: float) -> None:
+        """Ask the reconcile loop to run in ``delay_s`` seconds (e.g. when a soak ends).
+
+        One timer, the earliest asked for: every pass asks again for what it still waits on.
+        """
+        if self._stopping:
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, delay_s) + 0.05
+        if self._wake is not None and loop.time() < self._wake.when() <= when:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake = loop.call_at(when, self.kick)
 
     # -- MQTT -----------------------------------------------------------------------------------
     async def _mqtt_loop(self) -> None:
@@ -305,7 +324,8 @@ class ControllerCore:
     def rollout_context(self) -> RolloutContext:
         return RolloutContext(db=self.db, settings=self.settings, planner=self.planner,
                               keys=self.keys, publisher=self.publisher,
-                              get_model=lambda ns, n: self.get("EdgeModel", ns, n))
+                              get_model=lambda ns, n: self.get("EdgeModel", ns, n),
+                              requeue_after=self.kick_after)
 
     async def _reconcile_loop(self) -> None:
         while not self._stopping:

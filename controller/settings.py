@@ -53,6 +53,7 @@ class Settings:
     max_artifact_bytes: int = 2 * 1024 * 1024 * 1024
     max_mqtt_payload_bytes: int = 256 * 1024
     max_heartbeat_models: int = 64
+    max_device_labels: int = 64
     # reconcile
     resync_s: float = 10.0
     compile_workers: int = 1

@@ -89,8 +89,9 @@ class HeartbeatBuilder:
                  served: Callable[[], list[device_pb2.ServedModel]],
                  progress: Callable[[], list[device_pb2.UpdateProgress]],
                  health: Callable[[], tuple[str, str]] = lambda: ("ok", ""),
-                 serve_url: str = "") -> None:
+                 serve_url: str = "", labels: dict[str, str] | None = None) -> None:
         self.device_id = device_id
+        self.labels = {str(k): str(v) for k, v in (labels or {}).items()}
         self.device_class = device_class
         self.facts = facts
         self._served = served
@@ -108,6 +109,7 @@ class HeartbeatBuilder:
             agent_version=AGENT_VERSION, uptime_s=int(time.monotonic() - self.started),
             sent_at_ms=int(time.time() * 1000), seq=self.seq, health=health,
             health_reason=reason, serve_url=self.serve_url)
+        hb.labels.update(self.labels)
         hb.models.extend(self._served())
         hb.updates.extend(self._progress())
         return hb

@@ -204,6 +204,9 @@ class UpdateManager:
                             has_base=self.slots.has_base, now_ms=now_ms())
 
     def handle_offer(self, data: bytes) -> None:
+        if not data:  # the controller cleared the retained offer (the update is finished)
+            log.debug("device %s: retained offer cleared", self.cfg.device_id)
+            return
         try:
             env = parse_offer(data, limits=self.cfg.limits)
         except Rejected as e:

@@ -6,16 +6,20 @@ ControllerCore, the ingest, the reconcilers, the OTA publisher and the API.
 
 from __future__ import annotations
 
+import enum
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
 from controller.fleet import enroll, models  # noqa: F401  (registers the tables)
+
+log = logging.getLogger(__name__)
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -38,7 +42,43 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
     SQLModel.metadata.create_all(engine)
+    add_missing_columns(engine)
     return engine
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add columns that newer models have and an existing database lacks (additive only).
+
+    ``create_all`` creates missing tables but never alters existing ones; columns added to a
+    table later (e.g. DeviceRollout.chunk_size) get ``ALTER TABLE ... ADD COLUMN`` with their
+    scalar default. Returns "table.column" for each column added.
+    """
+    insp = inspect(engine)
+    added: list[str] = []
+    existing_tables = set(insp.get_table_names())
+    for table in SQLModel.metadata.sorted_tables:
+        if table.name not in existing_tables:
+            continue
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have or column.primary_key:
+                continue
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} " \
+                  f"{column.type.compile(dialect=engine.dialect)}"
+            default = getattr(column.default, "arg", None)
+            if isinstance(default, enum.Enum):
+                default = default.name          # SQLAlchemy's Enum type stores names
+            if isinstance(default, bool):
+                ddl += f" DEFAULT {'TRUE' if default else 'FALSE'}"
+            elif isinstance(default, (int, float)):
+                ddl += f" DEFAULT {default}"
+            elif isinstance(default, str):
+                ddl += " DEFAULT '" + default.replace("'", "''") + "'"
+            with engine.begin() as conn:
+                conn.execute(text(ddl))
+            added.append(f"{table.name}.{column.name}")
+            log.info("database: added column %s.%s", table.name, column.name)
+    return added
 
 
 @contextmanager

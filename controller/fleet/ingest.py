@@ -166,12 +166,16 @@ class Ingest:
         hb = self._parse(device_pb2.Heartbeat, payload, dev)
         if len(hb.models) > self.settings.max_heartbeat_models:
             raise _Garbage(f"{len(hb.models)} models exceeds max_heartbeat_models")
+        labels = self._labels(dev, hb.labels)
         now = _now_ms()
         changed = False
         with session_scope(self.engine) as s:
             d = s.get(Device, dev) or Device(device_id=dev)
             was_online = d.online
+            # a new class or new labels can move the device into or out of a rollout
+            changed = d.device_class != hb.device_class[:253] or (d.labels or {}) != labels
             d.device_class = hb.device_class[:253]
+            d.labels = labels
             d.facts = _to_dict(hb.facts)
             d.models = [_to_dict(m) for m in hb.models]
             d.updates = [_to_dict(u) for u in hb.updates[:16]]
@@ -186,6 +190,21 @@ class Ingest:
                                               u.bytes_received)
         if changed or not was_online:
             self.on_change("heartbeat")
+
+    def _labels(self, dev: str, labels: Any) -> dict[str, str]:
+        """The heartbeat's labels within limits; over-long or excess ones dropped, logged."""
+        out: dict[str, str] = {}
+        for k, v in sorted(labels.items()):
+            if len(out) >= self.settings.max_device_labels:
+                log.warning("device %s: more than %d labels; the rest ignored", dev,
+                            self.settings.max_device_labels)
+                break
+            if not k or len(k) > 317 or len(v) > 253:
+                log.warning("device %s: label %r ignored (key 1..317, value <= 253 chars)",
+                            dev, k[:64])
+                continue
+            out[k] = v
+        return out
 
     def _presence(self, dev: str, payload: bytes, *, retained: bool = False) -> None:
         if not payload:       # retained message cleared

@@ -34,9 +34,12 @@ def chunk_hashes(path: Path, chunk_size: int) -> list[bytes]:
     return out or [hashlib.sha256(b"").digest()]
 
 
-def make_update_id(rollout: str, device_id: str, version: int, payload_sha256: str) -> str:
-    """Stable id of (rollout, device, version, payload): re-planning gives the same id."""
-    h = hashlib.sha256(f"{rollout}\n{device_id}\n{version}\n{payload_sha256}".encode())
+def make_update_id(rollout: str, device_id: str, version: int, payload_sha256: str,
+                   chunk_size: int = 0) -> str:
+    """Stable id of (rollout, device, version, payload, chunk size): re-planning gives the
+    same id, and a changed chunk size (different chunk hashes) a new one."""
+    text = f"{rollout}\n{device_id}\n{version}\n{payload_sha256}"
+    h = hashlib.sha256((text + (f"\n{chunk_size}" if chunk_size else "")).encode())
     return f"u-{h.hexdigest()[:24]}"
 
 

@@ -5,14 +5,16 @@ ControllerCore owns the aiomqtt (MQTT 5) connection and calls ``attach(client)``
 ``.../update/request`` payload to ``handle_chunk_request``. Requests are validated (size,
 device id matches the topic and the offer, known update id, indices in range, at most
 ``max_chunks_per_request``), queued, and answered by worker tasks with UpdateChunks
-(QoS 1) paced by one fleet-wide token bucket of ``ota_max_bytes_per_second``. Bytes sent
-are added to DeviceRollout.bytes_sent. Bad requests are dropped with a log line naming
+(QoS 1) paced by one fleet-wide token bucket of ``ota_max_bytes_per_second``; a rollout
+with ``spec.maxBytesPerSecond`` also has its own bucket, queue and sender task (a "lane").
+Bytes sent are added to DeviceRollout.bytes_sent. Bad requests are dropped with a log line naming
 the device and the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -35,7 +37,12 @@ log = logging.getLogger(__name__)
 
 
 class TokenBucket:
-    """Fleet-wide byte budget: ``rate`` bytes per second, bursts up to ``burst`` bytes."""
+    """A byte budget: ``rate`` bytes per second, bursts up to ``burst`` bytes.
+
+    ``taken_total`` counts every byte granted and ``waiting`` the callers blocked for tokens
+    (tests check the accounting, not wall time). ``set_rate`` applies at once, also to a
+    caller already waiting.
+    """
 
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = float(rate)
@@ -43,20 +50,40 @@ class TokenBucket:
         self.tokens = float(burst)
         self.last = time.monotonic()
         self.taken_total = 0
+        self.waiting = 0
         self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+
+    def set_rate(self, rate: float, burst: float) -> None:
+        if (float(rate), float(burst)) == (self.rate, self.burst):
+            return
+        self._refill()
+        self.rate, self.burst = float(rate), float(burst)
+        self.tokens = min(self.tokens, self.burst)
+        self._changed.set()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
 
     async def take(self, n: int) -> None:
         async with self._lock:           # FIFO: one waiter refills at a time
-            need = min(float(n), self.burst)
             while True:
-                now = time.monotonic()
-                self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-                self.last = now
+                self._refill()
+                need = min(float(n), self.burst)
                 if self.tokens >= need:
                     self.tokens -= need
                     self.taken_total += n
                     return
-                await asyncio.sleep((need - self.tokens) / self.rate)
+                self._changed.clear()
+                self.waiting += 1
+                try:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(),
+                                               (need - self.tokens) / self.rate)
+                finally:
+                    self.waiting -= 1
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,8 @@ class OfferInfo:
     payload_path: Path
     payload_size: int
     chunk_size: int
+    rollout: str = ""                  # namespace/name
+    max_bytes_per_second: int = 0      # the rollout's own cap (0 = only the fleet-wide one)
 
     @property
     def total(self) -> int:
@@ -78,6 +107,17 @@ class OfferInfo:
 class _Job:
     info: OfferInfo
     indices: list[int]
+
+
+@dataclass
+class _Lane:
+    """Chunk traffic of one rate-capped rollout: its bucket, queue and sender task."""
+
+    rollout: str
+    rate: int
+    bucket: TokenBucket
+    queue: asyncio.Queue[_Job]
+    task: asyncio.Task[None] | None = None
 
 
 class Publisher:
@@ -97,6 +137,9 @@ class Publisher:
         self.bytes_sent = 0
         self.rejected_requests = 0
         self._workers: list[asyncio.Task[None]] = []
+        # rollouts with spec.maxBytesPerSecond: their own bucket, queue and sender task, so a
+        # slow rollout never holds the shared workers
+        self.lanes: dict[str, _Lane] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self, client: Any) -> None:
@@ -107,14 +150,42 @@ class Publisher:
             self._workers.append(asyncio.create_task(self._worker(), name=f"ota-chunks-{i}"))
 
     async def stop(self) -> None:
-        for t in self._workers:
+        tasks = self._workers + [lane.task for lane in self.lanes.values()
+                                 if lane.task is not None]
+        for t in tasks:
             t.cancel()
-        for t in self._workers:
+        for t in tasks:
             try:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
         self._workers.clear()
+        self.lanes.clear()
+
+    def set_rollout_rate(self, rollout: str, max_bytes_per_second: int, *,
+                         chunk_size: int) -> None:
+        """Cap ``rollout``'s chunk traffic (on top of the fleet-wide bucket); 0 = no own cap.
+        Called by the rollout reconciler on every pass, so a spec change applies at once."""
+        rate = int(max_bytes_per_second or 0)
+        lane = self.lanes.get(rollout)
+        if rate <= 0:
+            if lane is not None:    # jobs already queued there drain at the fleet rate
+                fleet = self.settings.ota_max_bytes_per_second
+                lane.rate = 0
+                lane.bucket.set_rate(fleet, max(fleet, chunk_size))
+            return
+        burst = max(rate, chunk_size)
+        if lane is None:
+            lane = self.lanes[rollout] = _Lane(rollout, rate, TokenBucket(rate, burst),
+                                               asyncio.Queue(self.settings.chunk_queue_depth))
+        else:
+            lane.rate = rate
+            lane.bucket.set_rate(rate, burst)
+
+    def rollout_bucket(self, rollout: str) -> TokenBucket | None:
+        """The per-rollout bucket of ``rollout`` (None when it has no maxBytesPerSecond)."""
+        lane = self.lanes.get(rollout)
+        return lane.bucket if lane is not None and lane.rate > 0 else None
 
     # -- publishing -----------------------------------------------------------------------------
     async def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
@@ -140,6 +211,11 @@ class Publisher:
     async def clear_offer(self, device_id: str) -> None:
         """Remove the retained offer (an empty retained message)."""
         await self._publish(topics.device_topic(device_id, topics.OFFER), b"", retain=True)
+
+    async def publish_desired(self, device_id: str, env: update_pb2.SignedEnvelope) -> None:
+        """Publish a signed DesiredState retained on the device's desired topic."""
+        await self._publish(topics.device_topic(device_id, topics.DESIRED),
+                            env.SerializeToString(deterministic=True), retain=True)
 
     # -- chunk requests -------------------------------------------------------------------------
     def handle_chunk_request(self, device_id: str, payload: bytes) -> None:
@@ -168,8 +244,19 @@ class Publisher:
             return self._reject(device_id, f"chunk index {bad[0]} out of range "
                                            f"(update has {info.total} chunks)")
         indices = list(dict.fromkeys(req.indices))
+        queue = self.queue
+        if info.rollout and (info.max_bytes_per_second > 0 or info.rollout in self.lanes):
+            if info.rollout not in self.lanes:       # after a restart, before a reconcile
+                self.set_rollout_rate(info.rollout, info.max_bytes_per_second,
+                                      chunk_size=info.chunk_size)
+            lane = self.lanes[info.rollout]
+            if lane.rate > 0:
+                queue = lane.queue
+                if lane.task is None or lane.task.done():
+                    lane.task = asyncio.create_task(self._worker(lane.queue, lane.bucket),
+                                                    name=f"ota-lane-{info.rollout}")
         try:
-            self.queue.put_nowait(_Job(info, indices))
+            queue.put_nowait(_Job(info, indices))
         except asyncio.QueueFull:
             self._reject(device_id, "chunk queue full; the agent will re-request")
 
@@ -201,24 +288,28 @@ class Publisher:
         if not self.store.has(payload_sha):
             return None
         info = OfferInfo(update_id, row.device_id, self.store.path(payload_sha),
-                         self.store.size(payload_sha), self.settings.chunk_size_bytes)
+                         self.store.size(payload_sha),
+                         row.chunk_size or self.settings.chunk_size_bytes,
+                         rollout=row.rollout, max_bytes_per_second=row.max_bytes_per_second)
         self.offers[update_id] = info
         return info
 
-    async def _worker(self) -> None:
+    async def _worker(self, queue: asyncio.Queue[_Job] | None = None,
+                      bucket: TokenBucket | None = None) -> None:
+        queue = queue or self.queue
         while True:
-            job = await self.queue.get()
+            job = await queue.get()
             try:
-                await self._send(job)
+                await self._send(job, bucket)
             except RetryLater as e:
                 log.warning("chunks for device %s update %s not sent: %s",
                             job.info.device_id, job.info.update_id, e)
             except Exception:
                 log.exception("chunk worker error for device %s", job.info.device_id)
             finally:
-                self.queue.task_done()
+                queue.task_done()
 
-    async def _send(self, job: _Job) -> None:
+    async def _send(self, job: _Job, rollout_bucket: TokenBucket | None = None) -> None:
         info = job.info
         topic = topics.device_topic(info.device_id, topics.CHUNK)
         sent = 0
@@ -227,6 +318,8 @@ class Publisher:
                 for idx in job.indices:
                     f.seek(idx * info.chunk_size)
                     data = f.read(info.chunk_size)
+                    if rollout_bucket is not None:
+                        await rollout_bucket.take(len(data))   # the rollout's own cap first
                     await self.bucket.take(len(data))
                     msg = update_pb2.UpdateChunk(update_id=info.update_id, index=idx,
                                                  total=info.total, data=data)

@@ -41,6 +41,7 @@ from controller.ota.keys import KeyStore
 from controller.ota.planner import DeltaPlanner
 from controller.ota.publisher import OfferInfo, Publisher
 from controller.reconcile.common import condition, meta
+from controller.reconcile.desired import note_offer, sync_devices
 from controller.settings import Settings
 from protos.errors import RetryLater
 
@@ -60,6 +61,15 @@ class RolloutContext:
     # the EdgeModel resource dict (with status) by (namespace, name), or None
     get_model: Callable[[str, str], dict[str, Any] | None]
     now_ms: Callable[[], int] = field(default=lambda: int(time.time() * 1000))
+    # ask the caller to reconcile again after this many seconds (a soak ends); level-
+    # triggered, so the timer only kicks the loop. None: the caller's periodic resync only
+    requeue_after: Callable[[float], None] | None = None
+
+
+def chunk_size_for(spec: dict[str, Any], settings: Settings) -> int:
+    """The rollout's ``chunkSizeBytes``, never above the controller's ``chunk_size_bytes``."""
+    want = int(spec.get("chunkSizeBytes") or settings.chunk_size_bytes)
+    return max(1, min(want, settings.chunk_size_bytes, settings.MAX_CHUNK_SIZE_BYTES))
 
 
 def _served_sha(device: Device, model_name: str) -> str:
@@ -129,6 +139,9 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
         return pending("WaitingForEngines",
                        f"EdgeModel {spec['model']} has no compiled engines yet", version=version)
     model_name = str(spec["model"])
+    chunk = chunk_size_for(spec, ctx.settings)
+    rate = int(spec.get("maxBytesPerSecond") or 0)
+    ctx.publisher.set_rollout_rate(key, rate, chunk_size=chunk)
 
     # 1-2. select devices, create rows for new ones
     devices = {d.device_id: d for d in
@@ -161,16 +174,19 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
     # 3. walk the waves
     paused = bool(spec.get("paused"))
     phase, message, current_wave, blocked = ResourcePhase.COMPLETE.value, "", "", False
+    offer = _OfferParams(key=key, version=version, model_name=model_name, chunk_size=chunk,
+                         max_bytes_per_second=rate)
     for wi, wave in enumerate(waves):
         wrows = [r for r in rows.values() if r.wave == wi]
         gate = {"minSuccessPercent": 100, "soakSeconds": 0, "maxFailed": 0,
                 **(wave.get("healthGate") or {})}
         if not paused:
-            await _offer_pending(ctx, wrows, devices, engines, key=key, version=version,
-                                 model_name=model_name)
-        verdict, why = _gate(wrows, gate, now)
+            await _offer_pending(ctx, wrows, devices, engines, offer)
+        verdict, why, wait_ms = _gate(wrows, gate, now)
         if verdict == "passed":
             continue
+        if wait_ms and ctx.requeue_after is not None:
+            ctx.requeue_after(wait_ms / 1000)   # the soak ends: look again then
         current_wave = str(wave.get("name", wi))
         if verdict == "failed":
             phase, message = ResourcePhase.FAILED.value, f"wave {current_wave}: {why}"
@@ -183,6 +199,9 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
         current_wave = str(waves[-1].get("name", "")) if waves else ""
         message = f"all {len(rows)} devices updated"
 
+    # retained per-device state: DesiredState when it changed, finished offers cleared
+    await sync_devices(db=ctx.db, keys=ctx.keys, publisher=ctx.publisher,
+                       device_ids=rows.keys(), now_ms=ctx.now_ms())
     return _status(rows, waves, gen=gen, prev=prev, now=now, phase=phase, message=message,
                    current_wave=current_wave, version=version, unsupported=unsupported)
 
@@ -198,35 +217,46 @@ def _first_open_wave(rows: dict[str, DeviceRollout], waves: list[dict[str, Any]]
     return max(0, len(waves) - 1)
 
 
-def _gate(rows: list[DeviceRollout], gate: dict[str, Any], now: int) -> tuple[str, str]:
-    """("passed" | "waiting" | "failed", why) for one wave."""
+def _gate(rows: list[DeviceRollout], gate: dict[str, Any],
+          now: int) -> tuple[str, str, int]:
+    """("passed" | "waiting" | "failed", why, ms until the soak ends (0 = not soaking))."""
     n = len(rows)
     if n == 0:
-        return "passed", "no devices"
+        return "passed", "no devices", 0
     ok = sum(r.state == DeviceRolloutState.COMMITTED for r in rows)
     bad = sum(r.state in FAILED_STATES for r in rows)
     open_ = n - ok - bad
     need = float(gate["minSuccessPercent"])
     if bad > int(gate["maxFailed"]):
-        return "failed", f"{bad} device(s) failed, maxFailed is {gate['maxFailed']}"
+        return "failed", f"{bad} device(s) failed, maxFailed is {gate['maxFailed']}", 0
     if (ok + open_) * 100.0 / n < need:
         return "failed", (f"{ok}/{n} committed can no longer reach minSuccessPercent "
-                          f"{gate['minSuccessPercent']}")
+                          f"{gate['minSuccessPercent']}"), 0
     if open_:
-        return "waiting", f"{ok}/{n} committed, {open_} in progress"
+        return "waiting", f"{ok}/{n} committed, {open_} in progress", 0
     if ok * 100.0 / n < need:
-        return "failed", f"{ok}/{n} committed, below minSuccessPercent {need:g}"
+        return "failed", f"{ok}/{n} committed, below minSuccessPercent {need:g}", 0
     last = max((r.updated_ms for r in rows if r.state == DeviceRolloutState.COMMITTED),
                default=0)
     soak_ms = int(gate["soakSeconds"]) * 1000
     if now < last + soak_ms:
-        return "waiting", f"soaking for {(last + soak_ms - now) // 1000 + 1}s"
-    return "passed", "gate passed"
+        return ("waiting", f"soaking for {(last + soak_ms - now) // 1000 + 1}s",
+                last + soak_ms - now)
+    return "passed", "gate passed", 0
+
+
+@dataclass(frozen=True)
+class _OfferParams:
+    key: str                   # namespace/name of the rollout
+    version: int
+    model_name: str
+    chunk_size: int
+    max_bytes_per_second: int
 
 
 async def _offer_pending(ctx: RolloutContext, rows: list[DeviceRollout],
-                         devices: dict[str, Device], engines: dict[str, dict[str, Any]], *,
-                         key: str, version: int, model_name: str) -> None:
+                         devices: dict[str, Device], engines: dict[str, dict[str, Any]],
+                         p: _OfferParams) -> None:
     now = ctx.now_ms()
     for row in rows:
         # expire offers nobody acted on; a later reconcile re-offers with a fresh expiry
@@ -238,7 +268,7 @@ async def _offer_pending(ctx: RolloutContext, rows: list[DeviceRollout],
         dev = devices.get(row.device_id)
         if dev is None:
             continue            # no longer selected: leave it pending
-        served = _served_sha(dev, model_name)
+        served = _served_sha(dev, p.model_name)
         if served == row.target_sha256:
             _save(ctx, row, state=DeviceRolloutState.COMMITTED, reason="already serving target")
             continue
@@ -246,8 +276,7 @@ async def _offer_pending(ctx: RolloutContext, rows: list[DeviceRollout],
         if eng is None:
             continue
         try:
-            await _offer_one(ctx, row, dev, eng, base=served, key=key, version=version,
-                             model_name=model_name)
+            await _offer_one(ctx, row, dev, eng, p, base=served)
         except RetryLater as e:
             log.info("offer to %s deferred: %s", row.device_id, e)
             return
@@ -257,8 +286,7 @@ async def _offer_pending(ctx: RolloutContext, rows: list[DeviceRollout],
 
 
 async def _offer_one(ctx: RolloutContext, row: DeviceRollout, dev: Device,
-                     eng: dict[str, Any], *, base: str, key: str, version: int,
-                     model_name: str) -> None:
+                     eng: dict[str, Any], p: _OfferParams, *, base: str) -> None:
     target = str(eng["sha256"])
     with session_scope(ctx.db) as s:
         erow = s.exec(select(Engine).where(Engine.engine_sha256 == target)).first()
@@ -266,22 +294,27 @@ async def _offer_one(ctx: RolloutContext, row: DeviceRollout, dev: Device,
     sig = dict(erow.signature) if erow else {}
     payload = await asyncio.to_thread(ctx.planner.payload_for, base_sha256=base,
                                       target_sha256=target)
-    chunk = ctx.settings.chunk_size_bytes
-    update_id = offers.make_update_id(key, dev.device_id, version, payload.sha256)
+    chunk = p.chunk_size
+    update_id = offers.make_update_id(p.key, dev.device_id, p.version, payload.sha256,
+                                      chunk)
     manifest = await asyncio.to_thread(
         offers.build_manifest, update_id=update_id, device_id=dev.device_id,
-        device_class=dev.device_class, model_name=model_name, version=version,
+        device_class=dev.device_class, model_name=p.model_name, version=p.version,
         target_sha256=target, target_size=ctx.planner.store.size(target), payload=payload,
         chunk_size=chunk, ttl_s=ctx.settings.offer_ttl_s, fingerprint=fp, signature=sig,
-        rollout=key)
+        rollout=p.key)
     env = ctx.keys.sign(manifest)
-    info = OfferInfo(update_id, dev.device_id, payload.path, payload.size, chunk)
+    info = OfferInfo(update_id, dev.device_id, payload.path, payload.size, chunk,
+                     rollout=p.key, max_bytes_per_second=p.max_bytes_per_second)
+    # the row first: a restarted publisher rebuilds the offer (chunk size, cap) from it
+    _save(ctx, row, update_id=update_id, chunk_size=chunk,
+          max_bytes_per_second=p.max_bytes_per_second, target_sha256=target,
+          base_sha256=payload.base_sha256, codec=payload.codec, payload_size=payload.size)
     await ctx.publisher.publish_offer(dev.device_id, env, info)
-    _save(ctx, row, state=DeviceRolloutState.OFFERED, reason="", update_id=update_id,
-          base_sha256=payload.base_sha256, codec=payload.codec, payload_size=payload.size,
-          offered_ms=ctx.now_ms())
-    log.info("offered %s v%d to %s: %s %d bytes (update %s)", model_name, version,
-             dev.device_id, payload.codec, payload.size, update_id)
+    note_offer(ctx.db, dev.device_id, update_id)
+    _save(ctx, row, state=DeviceRolloutState.OFFERED, reason="", offered_ms=ctx.now_ms())
+    log.info("offered %s v%d to %s: %s %d bytes, %d-byte chunks (update %s)", p.model_name,
+             p.version, dev.device_id, payload.codec, payload.size, chunk, update_id)
 
 
 def _save(ctx: RolloutContext, row: DeviceRollout, **changes: Any) -> None:

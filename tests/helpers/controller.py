@@ -99,6 +99,9 @@ class FakeDevice:
     chunks_seen: list[tuple[str, int]] = field(default_factory=list)
     auto_fetch: bool = True
     offer_messages: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    empty_offers: int = 0                # retained offer cleared (zero-length message)
+    desired: list[update_pb2.DesiredState] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.trust = trust.TrustState(root_public=self.root_public)
@@ -106,7 +109,7 @@ class FakeDevice:
         self._chunks: dict[str, dict[int, bytes]] = {}
         self.client = mqtt_client(self.port, f"dev-{self.device_id}")
         self.client.on_message = self._on_message
-        for leaf in (topics.OFFER, topics.CHUNK):
+        for leaf in (topics.OFFER, topics.CHUNK, topics.DESIRED):
             self.client.subscribe(topics.device_topic(self.device_id, leaf), qos=1)
         self.client.subscribe(topics.TRUST_KEYS, qos=1)
 
@@ -116,7 +119,7 @@ class FakeDevice:
     def heartbeat(self) -> None:
         hb = device_pb2.Heartbeat(device_id=self.device_id, device_class=self.device_class,
                                   models=self.served, agent_version="test", health="ok",
-                                  sent_at_ms=int(time.time() * 1000))
+                                  sent_at_ms=int(time.time() * 1000), labels=self.labels)
         self.client.publish(self.topic(topics.HEARTBEAT), hb.SerializeToString(), qos=1).wait_for_publish(5)
 
     def status(self, m: update_pb2.UpdateManifest, state: int, reason: str = "") -> None:
@@ -135,12 +138,34 @@ class FakeDevice:
         self.client.loop_stop()
         self.client.disconnect()
 
+    def reconnect(self) -> None:
+        """A fresh MQTT session (as after a reboot): retained messages are delivered again."""
+        self.close()
+        with self._lock:
+            self.offer_messages = self.empty_offers = 0
+            self.desired.clear()
+        self.client = mqtt_client(self.port, f"dev-{self.device_id}")
+        self.client.on_message = self._on_message
+        self.client.subscribe(topics.TRUST_KEYS, qos=1)
+        for leaf in (topics.OFFER, topics.CHUNK, topics.DESIRED):
+            self.client.subscribe(topics.device_topic(self.device_id, leaf), qos=1)
+
     # -- callbacks (paho thread) --------------------------------------------------------------
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == topics.TRUST_KEYS:
             env = update_pb2.SignedEnvelope.FromString(msg.payload)
             self.trust.accept_key_list(env)
-        elif msg.topic.endswith("/update/offer") and msg.payload:
+        elif msg.topic.endswith("/update/offer") and not msg.payload:
+            with self._lock:
+                self.empty_offers += 1
+        elif msg.topic.endswith("/desired"):
+            if msg.payload:
+                env = update_pb2.SignedEnvelope.FromString(msg.payload)
+                ds = self.trust.verify(env, update_pb2.DesiredState)
+                assert ds.device_id == self.device_id
+                with self._lock:
+                    self.desired.append(ds)
+        elif msg.topic.endswith("/update/offer"):
             env = update_pb2.SignedEnvelope.FromString(msg.payload)
             m = self.trust.verify(env, update_pb2.UpdateManifest)
             assert m.device_id == self.device_id and m.device_class == self.device_class

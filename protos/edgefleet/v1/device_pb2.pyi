@@ -66,7 +66,14 @@ class UpdateProgress(_message.Message):
     def __init__(self, update_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.UpdateState, str]] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("device_id", "device_class", "facts", "models", "updates", "agent_version", "uptime_s", "sent_at_ms", "seq", "health", "health_reason", "serve_url")
+    __slots__ = ("device_id", "device_class", "facts", "models", "updates", "agent_version", "uptime_s", "sent_at_ms", "seq", "health", "health_reason", "serve_url", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +86,7 @@ class Heartbeat(_message.Message):
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     HEALTH_REASON_FIELD_NUMBER: _ClassVar[int]
     SERVE_URL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     device_class: str
     facts: DeviceFacts
@@ -91,7 +99,8 @@ class Heartbeat(_message.Message):
     health: str
     health_reason: str
     serve_url: str
-    def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[str] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., updates: _Optional[_Iterable[_Union[UpdateProgress, _Mapping]]] = ..., agent_version: _Optional[str] = ..., uptime_s: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., seq: _Optional[int] = ..., health: _Optional[str] = ..., health_reason: _Optional[str] = ..., serve_url: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[str] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., updates: _Optional[_Iterable[_Union[UpdateProgress, _Mapping]]] = ..., agent_version: _Optional[str] = ..., uptime_s: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., seq: _Optional[int] = ..., health: _Optional[str] = ..., health_reason: _Optional[str] = ..., serve_url: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Presence(_message.Message):
     __slots__ = ("device_id", "online", "reason", "at_ms")
