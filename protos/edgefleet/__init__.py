@@ -1,0 +1,1 @@
+"""Protobuf package ``edgefleet`` (generated code lives in ``protos.edgefleet.v1``)."""
