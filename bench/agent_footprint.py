@@ -1,12 +1,16 @@
 """Idle footprint of the agent's serving side: RSS and CPU of a process that starts the
 registry and the inference server, with no model and with the digits model loaded (and,
-with ``--agent-config``, of the full ``edgefleet-agent run --config FILE``).
+with ``--agent-config``, of the full ``edgefleet-agent run --config FILE``). ``--full-agent``
+also measures the real ``edgefleet-agent run --config`` process against a local Mosquitto
+(needs ``mosquitto``): idle with no model, then after the digits model arrived by a signed
+OTA update (the test OTA driver plays the controller), with the default allocator settings
+and with ``MALLOC_ARENA_MAX=2`` (as the systemd unit sets it).
 
 Each case runs in a fresh child process; after it is ready and has settled, RSS (and USS
 where readable) is read and CPU time is measured over ``--idle-s`` seconds of idleness.
 Target: < 60 MB idle RSS. Writes bench/results/agent_footprint.json.
 
-    .venv/bin/python -m bench.agent_footprint [--idle-s 5] [--agent-config FILE]
+    .venv/bin/python -m bench.agent_footprint [--idle-s 5] [--agent-config FILE] [--full-agent]
 """
 
 from __future__ import annotations
@@ -48,6 +52,59 @@ while True:
 """
 
 
+def _sample(pid: int, *, idle_s: float) -> dict:
+    ps = psutil.Process(pid)
+    family = [ps, *ps.children(recursive=True)]
+    cpu0 = sum(p.cpu_times().user + p.cpu_times().system for p in family)
+    time.sleep(idle_s)
+    cpu1 = sum(p.cpu_times().user + p.cpu_times().system for p in family)
+    mem = ps.memory_full_info() if hasattr(ps, "memory_full_info") else ps.memory_info()
+    return {"rss_mb": round(mem.rss / 2**20, 1),
+            "uss_mb": round(getattr(mem, "uss", 0) / 2**20, 1) or None,
+            "threads": ps.num_threads(),
+            "idle_cpu_percent": round((cpu1 - cpu0) / idle_s * 100, 2)}
+
+
+def _full_agent(digits: Path, *, idle_s: float, settle_s: float, env_extra: dict[str, str]
+                ) -> dict[str, dict]:
+    """The real agent process: idle without a model, then with digits delivered by OTA."""
+    from protos.edgefleet.v1 import common_pb2 as C
+    from tests.helpers.broker import start_mosquitto
+    from tests.helpers.ota import OtaDriver, agent_config, write_config
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
+    broker = start_mosquitto(tmp / "broker")
+    driver = OtaDriver(broker.host, broker.port, device_id="footprint-0", device_class="cpu-x86")
+    exe = Path(sys.executable).parent / "edgefleet-agent"
+    proc = None
+    try:
+        driver.publish_keys()
+        cfg = agent_config(tmp, host=broker.host, port=broker.port, driver=driver,
+                           heartbeat_interval_s=10.0, metrics_interval_s=15.0,
+                           log_level="WARNING")
+        config = write_config(tmp / "agent.yaml", cfg)
+        proc = subprocess.Popen([str(exe), "run", "--config", str(config)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, **env_extra, "PYTHONPATH": str(ROOT)})
+        driver.last_heartbeat(timeout_s=60)  # connected and reporting
+        time.sleep(settle_s)
+        rows = {"no model": _sample(proc.pid, idle_s=idle_s)}
+        offer = driver.offer("digits", 1, digits.read_bytes())
+        driver.wait_status(offer.update_id, C.UPDATE_STATE_COMMITTED, timeout_s=120)
+        time.sleep(settle_s)
+        rows["digits model (OTA)"] = _sample(proc.pid, idle_s=idle_s)
+        return rows
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        driver.close()
+        broker.stop()
+
+
 def _measure(cmd: list[str], *, idle_s: float, settle_s: float, ready_line: bool) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -58,16 +115,7 @@ def _measure(cmd: list[str], *, idle_s: float, settle_s: float, ready_line: bool
             if not line.startswith("ready"):
                 raise RuntimeError(f"child did not start: {line!r}")
         time.sleep(settle_s)
-        ps = psutil.Process(proc.pid)
-        family = [ps, *ps.children(recursive=True)]
-        cpu0 = sum(p.cpu_times().user + p.cpu_times().system for p in family)
-        time.sleep(idle_s)
-        cpu1 = sum(p.cpu_times().user + p.cpu_times().system for p in family)
-        mem = ps.memory_full_info() if hasattr(ps, "memory_full_info") else ps.memory_info()
-        return {"rss_mb": round(mem.rss / 2**20, 1),
-                "uss_mb": round(getattr(mem, "uss", 0) / 2**20, 1) or None,
-                "threads": ps.num_threads(),
-                "idle_cpu_percent": round((cpu1 - cpu0) / idle_s * 100, 2)}
+        return _sample(proc.pid, idle_s=idle_s)
     finally:
         proc.terminate()
         try:
@@ -81,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-s", type=float, default=5.0)
     ap.add_argument("--settle-s", type=float, default=1.0)
     ap.add_argument("--agent-config", type=Path, default=None)
+    ap.add_argument("--full-agent", action="store_true",
+                    help="also the real agent process, model delivered by OTA (mosquitto)")
     args = ap.parse_args(argv)
     from controller.models.digits import build_digits_cnn
 
@@ -101,14 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         rows["edgefleet-agent run"] = _measure(
             [str(exe), "run", "--config", str(args.agent_config)], idle_s=args.idle_s,
             settle_s=max(args.settle_s, 5.0), ready_line=False)
+    if args.full_agent:
+        for label, extra in (("", {}), (", MALLOC_ARENA_MAX=2", {"MALLOC_ARENA_MAX": "2"})):
+            full = _full_agent(digits, idle_s=args.idle_s, settle_s=max(args.settle_s, 2.0),
+                               env_extra=extra)
+            for name, row in full.items():
+                rows[f"edgefleet-agent run, {name}{label}"] = row
     result = {"benchmark": "agent_footprint", "machine": platform.machine(),
               "python": platform.python_version(), "idle_s": args.idle_s,
               "target_idle_rss_mb": 60, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "agent_footprint.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'process':36s} {'RSS MB':>8s} {'USS MB':>8s} {'threads':>8s} {'idle CPU %':>11s}")
+    print(f"{'process':60s} {'RSS MB':>8s} {'USS MB':>8s} {'threads':>8s} {'idle CPU %':>11s}")
     for name, row in rows.items():
-        print(f"{name:36s} {row['rss_mb']:8.1f} {row['uss_mb'] or 0:8.1f} {row['threads']:8d} "
+        print(f"{name:60s} {row['rss_mb']:8.1f} {row['uss_mb'] or 0:8.1f} {row['threads']:8d} "
               f"{row['idle_cpu_percent']:11.2f}")
     return 0
 

@@ -1,5 +1,4 @@
-"""Run loading work at a lower OS priority than serving (Linux: nice is per thread), in one
-long-lived loader thread.
+"""Run loading work at a lower OS priority than serving (Linux: nice is per thread).
 
 Called by :meth:`agent.runtime.registry.ModelRegistry.activate` for the hash, session
 creation and warm-up of a new engine, so that a hot swap takes CPU from idle time rather
@@ -9,7 +8,6 @@ than from requests being served.
 from __future__ import annotations
 
 import os
-import queue
 import sys
 import threading
 from collections.abc import Callable
@@ -38,80 +36,31 @@ def _can_restore_priority(nice: int) -> bool:
     return soft == resource.RLIM_INFINITY or nice >= 20 - soft
 
 
-class _Job:
-    __slots__ = ("base", "done", "error", "fn", "nice", "value")
-
-    def __init__(self, fn: Callable[[], object], *, nice: int, base: int) -> None:
-        self.fn, self.nice, self.base = fn, nice, base
-        self.done = threading.Event()
-        self.value: object = None
-        self.error: BaseException | None = None
-
-
-class _Worker:
-    """One long-lived low-priority thread (one thread = one malloc arena: a new thread per
-    load would spread engine memory over many arenas and keep it after the engine closes)."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, job: _Job) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="model-loader",
-                                                daemon=True)
-                self._thread.start()
-        self._jobs.put(job)
-
-    def is_current(self) -> bool:
-        return self._thread is threading.current_thread()
-
-    def _loop(self) -> None:
-        tid = threading.get_native_id()
-        while True:
-            job = self._jobs.get()
-            before = _thread_ids()
-            try:
-                if os.getpriority(os.PRIO_PROCESS, tid) != job.nice:
-                    os.setpriority(os.PRIO_PROCESS, tid, job.nice)
-            except OSError:
-                pass
-            try:
-                job.value = job.fn()
-            except BaseException as e:  # re-raised in the caller
-                job.error = e
-            finally:
-                base = job.base
-                for other in _thread_ids() - before - {tid}:
-                    try:  # threads fn started (a session's pool) serve: normal priority
-                        if os.getpriority(os.PRIO_PROCESS, other) != base:
-                            os.setpriority(os.PRIO_PROCESS, other, base)
-                    except OSError:  # thread ended meanwhile, or not permitted
-                        pass
-                job.done.set()
-
-
-_WORKER = _Worker()
-
-
 def run_at_lower_priority(fn: Callable[[], T], *, nice: int) -> T:
-    """Run ``fn`` in the loader thread, whose OS priority is ``nice`` steps lower than the
-    caller's (Linux: nice is per thread), and wait for it. Threads that ``fn`` starts (an
+    """Run ``fn`` in the calling thread with its OS priority ``nice`` steps lower (Linux:
+    nice is per thread), then set the thread back. Threads that ``fn`` starts (an
     onnxruntime session's intra-op pool, which inherits the priority) are set back to the
-    caller's priority afterwards; where the process may not do that (no root, no
-    ``LimitNICE``), ``fn`` runs in the caller at normal priority instead, so that serving
-    threads never end up deprioritised."""
-    if nice <= 0 or sys.platform != "linux" or not hasattr(os, "setpriority") \
-            or _WORKER.is_current():
+    caller's priority too. Where the process may not raise a priority again (no root, no
+    ``LimitNICE``), ``fn`` runs at normal priority, so that serving threads never end up
+    deprioritised. (Same thread on purpose: a separate loader thread allocates from its
+    own malloc arena, which kept up to 3x the model size after the old engine was freed.)"""
+    if nice <= 0 or sys.platform != "linux" or not hasattr(os, "setpriority"):
         return fn()
-    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    tid = threading.get_native_id()
+    base = os.getpriority(os.PRIO_PROCESS, tid)
     if not _can_restore_priority(base):
         return fn()
-    job = _Job(fn, nice=min(19, base + nice), base=base)
-    _WORKER.submit(job)
-    job.done.wait()
-    if job.error is not None:
-        raise job.error
-    return job.value  # type: ignore[return-value]
+    before = _thread_ids()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, base + nice))
+    except OSError:
+        return fn()
+    try:
+        return fn()
+    finally:
+        for other in sorted(_thread_ids() - before) + [tid]:
+            try:  # threads fn started (a session's pool) serve: normal priority
+                if os.getpriority(os.PRIO_PROCESS, other) != base:
+                    os.setpriority(os.PRIO_PROCESS, other, base)
+            except OSError:  # thread ended meanwhile, or not permitted
+                pass

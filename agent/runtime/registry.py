@@ -9,12 +9,15 @@ Called by the update pipeline (``agent.update``, from its own thread) through
 smoke-checks the outputs against the signature, and only then swaps the pointer under a
 lock. Requests already holding a lease finish on the old engine; the last lease to end
 closes it. Any failure raises (``Rejected``/``GiveUp``) and leaves the old engine serving.
-The loading work (hash, session creation, warm-up) runs in a short-lived thread with a lower
-OS priority (``load_nice``) so that it does not compete with serving for the CPU.
+The loading work (hash, session creation, warm-up) runs in a loader thread with a lower OS
+priority (``load_nice``) so that it does not compete with serving for the CPU, and after a
+swap the objects alive are frozen out of the garbage collector (``freeze_gc``) so that its
+full collections stay short.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import threading
@@ -118,10 +121,13 @@ class EngineLease:
     """Context manager returned by :meth:`ModelRegistry.get`; yields the LoadedEngine and
     keeps it alive (not closed) until the ``with`` block ends."""
 
-    __slots__ = ("_entry", "_limiter", "_registry")
+    __slots__ = ("_batcher", "_entry", "_limiter", "_registry")
 
     def __init__(self, registry: ModelRegistry, entry: _Entry, limiter: _Limiter | None) -> None:
         self._registry, self._entry, self._limiter = registry, entry, limiter
+        self._batcher = entry.batcher
+        if self._batcher is not None:
+            self._batcher.expect()  # a batch about to leave may wait for this request
 
     @property
     def name(self) -> str:
@@ -143,14 +149,19 @@ class EngineLease:
         returns the outputs and the rows of the inference this call ran (0 when the request
         rode along in another request's batch: one count per execution). Call inside the
         ``with`` block."""
-        batcher = self._entry.batcher
+        batcher, self._batcher = self._batcher, None
         if batcher is not None:
-            return batcher.infer(inputs)
+            return batcher.infer(inputs, expected=True)
+        if self._entry.batcher is not None:  # second call on one lease
+            return self._entry.batcher.infer(inputs)
         first = next(iter(inputs.values()), None)
         rows = int(first.shape[0]) if first is not None and first.ndim else 1
         return self._entry.engine.infer(inputs), rows
 
     def __exit__(self, *exc: object) -> None:
+        if self._batcher is not None:  # leased but never ran (bad request)
+            self._batcher.cancel()
+            self._batcher = None
         self._registry._release(self._entry, self._limiter)
 
 
@@ -160,9 +171,10 @@ class ModelRegistry:
     def __init__(self, *, backends: Mapping[str, EngineBackend] | None = None,
                  warmup_runs: int = 3, max_concurrency: int = 0, queue_timeout_s: float = 5.0,
                  verify_sha256: bool = True, stats: ServingStats | None = None,
-                 load_nice: int = 10) -> None:
+                 load_nice: int = 10, freeze_gc: bool = True) -> None:
         self._backends = dict(backends or {})
         self._load_nice = load_nice
+        self._freeze_gc = freeze_gc
         self._warmup_runs = max(1, warmup_runs)
         self._queue_timeout_s = queue_timeout_s
         self._verify_sha256 = verify_sha256
@@ -269,6 +281,12 @@ class ModelRegistry:
                 close_old = self._retire(old)
             if close_old is not None:
                 self._close(close_old)
+            if self._freeze_gc:
+                # Objects alive now (modules, engines, signatures) are long-lived: move them
+                # out of the collector's sight so that a full collection (which holds the GIL
+                # and stalled every request for ~10 ms) only walks what came after.
+                gc.collect(1)
+                gc.freeze()
         log.info("activated model=%s version=%d variant=%r kind=%s in %.1f ms (previous: %s)",
                  name, version, variant, fingerprint.engine_kind,
                  (time.monotonic() - started) * 1000, old.version if old else "none")
@@ -316,12 +334,13 @@ class ModelRegistry:
         for limiter in limiters:
             limiter.set_limit(limit)
 
-    def configure_batching(self, name: str, *, max_batch_size: int,
-                           max_queue_delay_ms: float) -> None:
+    def configure_batching(self, name: str, *, max_batch_size: int, max_queue_delay_ms: float,
+                           max_concurrent_batches: int = 1) -> None:
         """Dynamic batching for model ``name``: concurrent requests with the same input shapes
-        except the first dimension run as one inference of up to ``max_batch_size`` rows; the
-        first waits at most ``max_queue_delay_ms`` for others. ``max_batch_size <= 1`` turns
-        it off. Applies to the loaded engines of ``name`` and to later versions. Raises
+        except the first dimension run as one inference of up to ``max_batch_size`` rows, at
+        most ``max_concurrent_batches`` inferences at once; a batch waits at most
+        ``max_queue_delay_ms`` for requests on their way (see :mod:`agent.runtime.batching`).
+        ``max_batch_size <= 1`` turns it off. Applies to the loaded engines of ``name`` and to later versions. Raises
         ``Rejected(reason="batching_unsupported")`` when the loaded model has no dynamic
         batch dimension (a later version without one is served unbatched, with a warning),
         ``ValueError`` for out-of-range settings."""
@@ -333,7 +352,8 @@ class ModelRegistry:
                         e.batcher = None
             return
         config = BatchingConfig(max_batch_size=max_batch_size,
-                                max_queue_delay_ms=max_queue_delay_ms)
+                                max_queue_delay_ms=max_queue_delay_ms,
+                                max_concurrent_batches=max_concurrent_batches)
         with self._lock:
             entries = [e for (n, _v), e in self._entries.items() if n == name]
         for e in entries:

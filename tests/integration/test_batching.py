@@ -36,8 +36,16 @@ def _infer(port: int, x: np.ndarray) -> tuple[int, dict]:
         conn.close()
 
 
-def _concurrent(handle: ServerHandle, inputs: list[np.ndarray]) -> list[tuple[int, dict]]:
-    """Send every input from its own thread, all released at once."""
+def _concurrent(reg: ModelRegistry, handle: ServerHandle, inputs: list[np.ndarray]
+                ) -> list[tuple[int, dict]]:
+    """Send every input from its own thread, all released at once. A lease held meanwhile
+    counts as a request on its way, so no batch leaves before it is full or its queue delay
+    is over: the coalescing does not depend on how the threads happen to be scheduled."""
+    with reg.get("m"):
+        return _send_all(handle, inputs)
+
+
+def _send_all(handle: ServerHandle, inputs: list[np.ndarray]) -> list[tuple[int, dict]]:
     barrier = threading.Barrier(len(inputs))
     results: list[tuple[int, dict] | None] = [None] * len(inputs)
     errors: list[BaseException] = []
@@ -89,14 +97,13 @@ def test_concurrent_requests_are_batched_and_answered_correctly(tmp_path: Path) 
              build_mlp(tmp_path / "b.onnx", size_mb=0.25, n_in=8, marker=2.0, seed=2)]
     reg = ModelRegistry()
     activate_file(reg, files[0], name="m", version=1)
-    # a long delay: the batch leaves when full (8 rows), so the test does not depend on timing
     reg.configure_batching("m", max_batch_size=CLIENTS, max_queue_delay_ms=1000)
     handle = start_server(reg)
     rng = np.random.default_rng(0)
     try:
         # 1. single-row requests: any count above 1 row comes from coalescing
         inputs = [rng.standard_normal((1, 8)).astype(np.float32) for _ in range(CLIENTS)]
-        results = _concurrent(handle, inputs)
+        results = _concurrent(reg, handle, inputs)
         _check_answers(results, inputs, ort.InferenceSession(str(files[0])), version=1)
         counts = _batch_counts(handle)
         assert max(counts) > 1, counts
@@ -104,17 +111,23 @@ def test_concurrent_requests_are_batched_and_answered_correctly(tmp_path: Path) 
 
         # 2. requests of 1-3 rows: each client gets exactly its own rows back
         inputs = [rng.standard_normal((1 + i % 3, 8)).astype(np.float32) for i in range(CLIENTS)]
-        _check_answers(_concurrent(handle, inputs), inputs,
+        _check_answers(_concurrent(reg, handle, inputs), inputs,
                        ort.InferenceSession(str(files[0])), version=1)
 
         # 3. a hot swap keeps the batching settings; answers come from the new version
         activate_file(reg, files[1], name="m", version=2)
         assert reg.batching("m") is not None
         inputs = [rng.standard_normal((1, 8)).astype(np.float32) for _ in range(CLIENTS)]
-        _check_answers(_concurrent(handle, inputs), inputs,
+        _check_answers(_concurrent(reg, handle, inputs), inputs,
                        ort.InferenceSession(str(files[1])), version=2)
 
-        # 4. turned off: requests run one by one again
+        # 4. a lone request runs as a batch of its own rows (nobody else is on the way)
+        before = _batch_counts(handle).get(1, 0)
+        status, payload = _infer(handle.port, inputs[0])
+        assert status == 200
+        assert _batch_counts(handle).get(1, 0) == before + 1
+
+        # 5. turned off: requests run one by one again
         reg.configure_batching("m", max_batch_size=0, max_queue_delay_ms=0)
         assert reg.batching("m") is None
         status, payload = _infer(handle.port, inputs[0])
