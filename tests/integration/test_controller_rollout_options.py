@@ -220,6 +220,7 @@ async def test_commit_clears_offer_and_publishes_desired_state(tmp_path: Path,
 
 async def test_real_agent_labels_cleared_offer_and_desired_state(tmp_path: Path, mosquitto,
                                                                  caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="agent")
     async with started_core(tmp_path / "c", mosquitto, chunk_size_bytes=8192) as core:
         await _model(core, tmp_path)
         who = SimpleNamespace(device_id="agent-1", device_class="cpu-x86-64",
@@ -239,13 +240,17 @@ async def test_real_agent_labels_cleared_offer_and_desired_state(tmp_path: Path,
             await wait_until(lambda: _status(core).get("phase") == "Complete", timeout_s=60,
                              what="agent committed")
             await wait_until(lambda: agent.desired_generation == 1, what="desired state")
-            await wait_until(lambda: not _rows(core) or all(
+            await wait_until(lambda: _desired(core) and all(
                 not r.offer_update_id for r in _desired(core)), what="offer cleared")
+            # the live agent got the zero-length retained offer and took it silently
+            await wait_until(lambda: any("retained offer cleared" in r.getMessage()
+                                         for r in caplog.records), what="empty offer seen")
+            assert not [r for r in caplog.records if "offer" in r.getMessage()
+                        and r.levelno >= logging.WARNING]
         finally:
             agent.stop()
         # the agent comes back: no offer is redelivered, nothing is logged as refused
         caplog.clear()
-        caplog.set_level(logging.DEBUG, logger="agent")
         agent = Agent(config_from_dict(cfg))
         agent.start()
         try:
