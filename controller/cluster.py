@@ -9,7 +9,10 @@ watches EdgeModels, EdgeRollouts and DeviceClasses, and only the holder of the L
 (``controller.crd.leader.LeaderElector``, identity ``$POD_NAME``, namespace ``$POD_NAMESPACE``)
 reconciles and writes ``/status``. Every replica ingests telemetry (MQTT 5 shared
 subscriptions) and serves chunk requests, the REST API (reads, artifact upload for
-``edgefleet push``), the dashboard, ``/healthz`` and ``/readyz`` (controller/api/app.py).
+``edgefleet push``), the dashboard, ``/healthz`` and ``/readyz`` (controller/api/app.py);
+the API's models/rollouts/deviceclasses come from the watch cache (``ClusterResources``).
+EdgeModels report phase Compiling (``ClusterSource.report_progress``) before a compile;
+each kind has its own reconcile workers, so a long compile does not hold up rollouts.
 
 Settings: ``--config FILE`` (else ``$EDGEFLEET_CONFIG``), a YAML mapping of
 controller.settings.Settings field names plus the cluster keys ``watch_namespace``,
@@ -166,15 +169,53 @@ def rollout_status_for_cluster(status: dict[str, Any]) -> dict[str, Any]:
     return {**status, "conditions": conds}
 
 
+def progress_status_for_cluster(status: dict[str, Any]) -> dict[str, Any]:
+    """The intermediate status reconcile_model reports before a compile (phase Compiling,
+    Compiled=False/Compiling) with Ready=False and Progressing=True added, so that
+    ``kubectl get em`` shows it and a controller restarted mid-compile does not take an
+    older Ready for this generation as settled."""
+    conds = [c for c in status.get("conditions") or []
+             if c.get("type") not in ("Ready", "Progressing")]
+    why = next((str(c.get("message") or "") for c in conds if c.get("type") == "Compiled"),
+               "compiling")
+    conds += [{"type": "Ready", "status": "False", "reason": "Compiling", "message": why},
+              {"type": "Progressing", "status": "True", "reason": "Compiling", "message": why}]
+    return {**status, "conditions": conds}
+
+
+class ClusterResources:
+    """``controller.api.queries.ResourceReader`` over the watch cache of ``ClusterSource``:
+    the API's and dashboard's models/rollouts/deviceclasses pages in cluster mode show the
+    objects in Kubernetes with the status this controller (or the leader) wrote."""
+
+    def __init__(self, ctrl: ClusterController) -> None:
+        self._ctrl = ctrl
+
+    def _cache(self) -> dict[tuple[str, str, str], dict[str, Any]]:
+        src = self._ctrl.source
+        return dict(src.cache) if src is not None else {}
+
+    def list(self, kind: str) -> list[dict[str, Any]]:
+        return [o for k, o in self._cache().items() if k[0] == kind
+                and not (o.get("metadata") or {}).get("deletionTimestamp")]
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        ns = "" if kind == "DeviceClass" else namespace
+        o = self._cache().get((kind, ns, name))
+        return None if o is None or (o.get("metadata") or {}).get("deletionTimestamp") else o
+
+
 class _ApiView:
     """What controller/api sees: the core's database and store, ready when MQTT is connected
-    and the resources are listed; resources are read-only here (they live in Kubernetes)."""
+    and the resources are listed; resources are read from the watch cache (read-only here:
+    they live in Kubernetes)."""
 
     def __init__(self, ctrl: ClusterController) -> None:
         self._ctrl = ctrl
         self.settings = ctrl.settings
         self.db = ctrl.core.db
         self.connected = self
+        self.resources = ClusterResources(ctrl)
 
     def is_set(self) -> bool:
         return self._ctrl.ready()
@@ -248,17 +289,40 @@ class ClusterController:
             dc = self._cached("DeviceClass", "", name)
             return dict(dc.get("spec") or {}) if dc else None
 
+        # Compiling status written (from a thread: it is a blocking API call) before the
+        # compile; awaited before returning, so it always lands before the final status
+        pending: list[asyncio.Future[None]] = []
+
+        def report(st: dict[str, Any]) -> None:
+            if self.source is not None:
+                body = dict(_drop_nulls(progress_status_for_cluster(st)))
+                pending.append(asyncio.ensure_future(asyncio.to_thread(
+                    self.source.report_progress, "EdgeModel", obj, body)))
+
         # the embedded context (store, db, executor, remote builds...), DeviceClasses from here
-        ctx = dataclasses.replace(self.core.model_context(), device_class_spec=dc_spec)
-        status = await reconcile_model(obj, ctx)
+        ctx = dataclasses.replace(self.core.model_context(), device_class_spec=dc_spec,
+                                  report=report)
+        try:
+            status = await reconcile_model(obj, ctx)
+        finally:
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
         self._requeue_rollouts("model")
         return dict(_drop_nulls(status))
+
+    def _model_for_rollout(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The cached EdgeModel; while it compiles (models and rollouts are reconciled
+        concurrently) its engines are not final, so the rollout waits for them."""
+        obj = self._cached("EdgeModel", namespace, name)
+        status = (obj or {}).get("status") or {}
+        if obj is not None and status.get("phase") == "Compiling":
+            return {**obj, "status": {**status, "engines": []}}
+        return obj
 
     async def _reconcile_rollout(self, obj: dict[str, Any]) -> dict[str, Any]:
         from controller.reconcile.rollouts import reconcile_rollout
 
-        ctx = dataclasses.replace(self.core.rollout_context(),
-                                  get_model=lambda ns, n: self._cached("EdgeModel", ns, n))
+        ctx = dataclasses.replace(self.core.rollout_context(), get_model=self._model_for_rollout)
         status = await reconcile_rollout(obj, ctx)
         return dict(_drop_nulls(rollout_status_for_cluster(status)))
 
@@ -293,7 +357,10 @@ class ClusterController:
             self.source = ClusterSource(
                 watch_client, rec, namespace=o.watch_namespace or None,
                 elector=self.elector, progress_requeue_s=o.progress_requeue_s,
-                level_kinds=("EdgeRollout",))
+                level_kinds=("EdgeRollout",),
+                # per-kind workers: a long compile does not hold up rollouts; two models
+                # may compile at once (the compile executor bounds the CPU), never one twice
+                workers_per_kind={"EdgeModel": 2, "EdgeRollout": 1, "DeviceClass": 1})
             self.source.start()
             self.elector.start()
             await self._start_api()

@@ -198,12 +198,12 @@ def create_app(core: Any) -> FastAPI:
     @app.get(f"{API}/models")
     def models() -> dict[str, Any]:
         with db_session(core) as s:
-            return {"items": queries.list_models(s)}
+            return {"items": queries.list_models(s, resources=queries.resources_of(core))}
 
     @app.get(f"{API}/models/{{namespace}}/{{name}}")
     def model(namespace: str, name: str) -> dict[str, Any]:
         with db_session(core) as s:
-            m = queries.get_model(s, namespace, name)
+            m = queries.get_model(s, namespace, name, resources=queries.resources_of(core))
         if m is None:
             raise HTTPException(404, f"EdgeModel {namespace}/{name} not found")
         return m
@@ -211,17 +211,18 @@ def create_app(core: Any) -> FastAPI:
     @app.get(f"{API}/deviceclasses")
     def device_classes() -> dict[str, Any]:
         with db_session(core) as s:
-            return {"items": queries.list_device_classes(s)}
+            return {"items": queries.list_device_classes(s, resources=queries.resources_of(core))}
 
     @app.get(f"{API}/rollouts")
     def rollouts() -> dict[str, Any]:
         with db_session(core) as s:
-            return {"items": queries.list_rollouts(s)}
+            return {"items": queries.list_rollouts(s, resources=queries.resources_of(core))}
 
     @app.get(f"{API}/rollouts/{{namespace}}/{{name}}")
     def rollout(namespace: str, name: str) -> dict[str, Any]:
         with db_session(core) as s:
-            r = queries.get_rollout(s, namespace, name)
+            r = queries.get_rollout(s, namespace, name,
+                                    resources=queries.resources_of(core))
         if r is None:
             raise HTTPException(404, f"EdgeRollout {namespace}/{name} not found")
         return r

@@ -3,12 +3,19 @@
 Called by controller/api/app.py (JSON API) and controller/dashboard/pages.py (HTML pages), so
 both show the same numbers. Every function takes an open SQLModel ``Session``; timestamps are
 UTC epoch milliseconds, ages are seconds relative to ``now_ms``.
+
+Resources (EdgeModels, EdgeRollouts, DeviceClasses) come from the embedded Resource table,
+or from a ``ResourceReader`` when the core has one (``resources_of(core)``): cluster mode
+(controller/cluster.py) backs it with its watch cache, so the pages show the cluster's
+objects and the status the controller wrote to them. Devices, engines, rollout progress
+per device, events and metrics always come from the database.
 """
 
 from __future__ import annotations
 
+import datetime
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from sqlmodel import Session, col, select
 
@@ -30,6 +37,31 @@ KINDS = (EDGE_MODEL, EDGE_ROLLOUT, DEVICE_CLASS)
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class ResourceReader(Protocol):
+    """Where resources come from when not from the Resource table (cluster mode: the watch
+    cache). Objects are Kubernetes-shaped dicts (apiVersion, kind, metadata, spec, status)."""
+
+    def list(self, kind: str) -> list[dict[str, Any]]: ...
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+
+def resources_of(core: Any) -> ResourceReader | None:
+    """The core's ResourceReader (attribute ``resources``), or None: read the Resource table."""
+    r = getattr(core, "resources", None)
+    return r if callable(getattr(r, "list", None)) and callable(getattr(r, "get", None)) else None
+
+
+def _rfc3339_ms(value: Any) -> int | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        dt = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return int(dt.timestamp() * 1000)
 
 
 def _active_model(models: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -112,6 +144,39 @@ def _resource_view(r: Resource) -> dict[str, Any]:
     }
 
 
+def object_view(obj: dict[str, Any]) -> dict[str, Any]:
+    """The same view as for a Resource row, from a Kubernetes-shaped object."""
+    md = obj.get("metadata") or {}
+    status = obj.get("status") or {}
+    created = _rfc3339_ms(md.get("creationTimestamp"))
+    stamps = [t for t in (_rfc3339_ms(c.get("lastTransitionTime"))
+                          for c in status.get("conditions") or [] if isinstance(c, dict))
+              if t is not None]
+    return {
+        "kind": obj.get("kind", ""), "namespace": md.get("namespace") or "",
+        "name": md.get("name", ""), "uid": md.get("uid", ""),
+        "generation": int(md.get("generation") or 1), "spec": obj.get("spec") or {},
+        "status": status, "labels": md.get("labels") or {}, "phase": status.get("phase", ""),
+        "created_ms": created, "updated_ms": max(stamps, default=created),
+    }
+
+
+def _views(s: Session, kind: str, resources: ResourceReader | None) -> list[dict[str, Any]]:
+    if resources is None:
+        return [_resource_view(r) for r in _resources(s, kind)]
+    views = [object_view(o) for o in resources.list(kind)]
+    return sorted(views, key=lambda v: (v["namespace"], v["name"]))
+
+
+def _view(s: Session, kind: str, namespace: str, name: str,
+          resources: ResourceReader | None) -> dict[str, Any] | None:
+    if resources is None:
+        r = _resource(s, kind, namespace, name)
+        return None if r is None else _resource_view(r)
+    obj = resources.get(kind, namespace, name)
+    return None if obj is None else object_view(obj)
+
+
 def _resources(s: Session, kind: str) -> list[Resource]:
     return list(s.exec(select(Resource).where(Resource.kind == kind)
                        .where(col(Resource.deleted_ms).is_(None))
@@ -141,10 +206,10 @@ def status_message(status: dict[str, Any]) -> str:
     return ""
 
 
-def _model_view(s: Session, r: Resource, *, full: bool) -> dict[str, Any]:
-    view = _resource_view(r)
-    spec = r.spec or {}
-    status = r.status or {}
+def _model_view(s: Session, view: dict[str, Any], *, full: bool) -> dict[str, Any]:
+    view = dict(view)
+    spec = view["spec"] or {}
+    status = view["status"] or {}
     view["version"] = spec.get("version")
     view["source_sha256"] = (spec.get("source") or {}).get("sha256", "") or status.get(
         "sourceSha256", "")
@@ -160,17 +225,19 @@ def _model_view(s: Session, r: Resource, *, full: bool) -> dict[str, Any]:
     return view
 
 
-def list_models(s: Session) -> list[dict[str, Any]]:
-    return [_model_view(s, r, full=False) for r in _resources(s, EDGE_MODEL)]
+def list_models(s: Session, *, resources: ResourceReader | None = None) -> list[dict[str, Any]]:
+    return [_model_view(s, v, full=False) for v in _views(s, EDGE_MODEL, resources)]
 
 
-def get_model(s: Session, namespace: str, name: str) -> dict[str, Any] | None:
-    r = _resource(s, EDGE_MODEL, namespace, name)
-    return None if r is None else _model_view(s, r, full=True)
+def get_model(s: Session, namespace: str, name: str, *,
+              resources: ResourceReader | None = None) -> dict[str, Any] | None:
+    v = _view(s, EDGE_MODEL, namespace, name, resources)
+    return None if v is None else _model_view(s, v, full=True)
 
 
-def list_device_classes(s: Session) -> list[dict[str, Any]]:
-    return [_resource_view(r) for r in _resources(s, DEVICE_CLASS)]
+def list_device_classes(s: Session, *,
+                        resources: ResourceReader | None = None) -> list[dict[str, Any]]:
+    return _views(s, DEVICE_CLASS, resources)
 
 
 def _device_rollout_view(r: DeviceRollout) -> dict[str, Any]:
@@ -184,19 +251,20 @@ def _device_rollout_view(r: DeviceRollout) -> dict[str, Any]:
     }
 
 
-def _rollout_view(s: Session, r: Resource, *, full: bool) -> dict[str, Any]:
-    view = _resource_view(r)
-    key = f"{r.namespace}/{r.name}"
+def _rollout_view(s: Session, view: dict[str, Any], *, full: bool) -> dict[str, Any]:
+    view = dict(view)
+    key = f"{view['namespace']}/{view['name']}"
     rows = s.exec(select(DeviceRollout).where(DeviceRollout.rollout == key)
                   .order_by(col(DeviceRollout.wave), col(DeviceRollout.device_id))).all()
     states = [_device_rollout_view(x) for x in rows]
     done = sum(1 for x in states if x["state"] == DeviceRolloutState.COMMITTED.value)
     failed = sum(1 for x in states if x["state"] in (DeviceRolloutState.FAILED.value,
                                                      DeviceRolloutState.ROLLED_BACK.value))
-    status = r.status or {}
+    spec = view["spec"] or {}
+    status = view["status"] or {}
     view.update({
-        "model": (r.spec or {}).get("modelRef", {}).get("name", "")
-        if isinstance((r.spec or {}).get("modelRef"), dict) else (r.spec or {}).get("model", ""),
+        "model": spec.get("modelRef", {}).get("name", "")
+        if isinstance(spec.get("modelRef"), dict) else spec.get("model", ""),
         "devices_total": len(states), "devices_committed": done, "devices_failed": failed,
         "progress": f"{done}/{len(states)}", "wave": status.get("currentWave", status.get("wave")),
         "bytes_sent_total": sum(x["bytes_sent"] for x in states),
@@ -207,13 +275,15 @@ def _rollout_view(s: Session, r: Resource, *, full: bool) -> dict[str, Any]:
     return view
 
 
-def list_rollouts(s: Session) -> list[dict[str, Any]]:
-    return [_rollout_view(s, r, full=False) for r in _resources(s, EDGE_ROLLOUT)]
+def list_rollouts(s: Session, *,
+                  resources: ResourceReader | None = None) -> list[dict[str, Any]]:
+    return [_rollout_view(s, v, full=False) for v in _views(s, EDGE_ROLLOUT, resources)]
 
 
-def get_rollout(s: Session, namespace: str, name: str) -> dict[str, Any] | None:
-    r = _resource(s, EDGE_ROLLOUT, namespace, name)
-    return None if r is None else _rollout_view(s, r, full=True)
+def get_rollout(s: Session, namespace: str, name: str, *,
+                resources: ResourceReader | None = None) -> dict[str, Any] | None:
+    v = _view(s, EDGE_ROLLOUT, namespace, name, resources)
+    return None if v is None else _rollout_view(s, v, full=True)
 
 
 def list_events(s: Session, *, limit: int = 100, since_ms: int = 0) -> list[dict[str, Any]]:

@@ -2,15 +2,19 @@
 
 ``ClusterSource`` lists then watches EdgeModels, EdgeRollouts and DeviceClasses with the
 official ``kubernetes`` client (one thread per kind), keeps the latest object of each in a
-cache, and a single worker reconciles them, level-triggered: it always works from the latest
-cached object, so events can be merged or replayed without harm. Watches resume from the last
-resourceVersion after a drop, relist on 410 Gone, and back off on errors.
+cache, and workers reconcile them, level-triggered: they always work from the latest cached
+object, so events can be merged or replayed without harm. Each kind has its own work queue
+and workers (``workers_per_kind``; controller/crd/workqueue.py), so a long EdgeModel compile
+does not hold up EdgeRollouts, and one object is never reconciled concurrently with itself.
+Watches resume from the last resourceVersion after a drop, relist on 410 Gone, and back off
+on errors.
 
 Per object the worker: adds the finalizer ``edgefleet.io/cleanup``; on deletion calls
 ``Reconciler.finalize`` and removes it; re-checks the object against the CRD schema
 (cluster rules); calls ``Reconciler.reconcile(kind, obj) -> status``; writes status with
 ``observedGeneration`` and Ready/Compiled/Progressing/Degraded conditions (409 retried by
-``StatusWriter``); records Events when a condition changes. Objects whose status already
+``StatusWriter``); records Events when a condition changes. ``report_progress`` writes an
+intermediate status while a reconcile is still running (EdgeModel phase Compiling). Objects whose status already
 says Ready for their current generation are not reconciled again (a restarted controller
 resumes from the status stored in the cluster). Non-Ready objects are requeued every
 ``progress_requeue_s``. With a ``LeaderElector`` only the leader reconciles and writes.
@@ -21,7 +25,6 @@ The reconcile logic itself lives in ``controller.reconcile`` (it implements ``Re
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
@@ -33,6 +36,7 @@ from protos.errors import EdgefleetError, Rejected, RetryLater
 from . import schema
 from .leader import LeaderElector
 from .status import StatusWriter, condition, merge_status, same_status
+from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,7 @@ class ClusterSource:
         backoff_max_s: float = 30.0,
         component: str = "edgefleet-controller",
         level_kinds: tuple[str, ...] = (),
+        workers_per_kind: int | dict[str, int] = 1,
     ) -> None:
         from kubernetes import client
 
@@ -116,11 +121,14 @@ class ClusterSource:
         self.level_kinds = frozenset(level_kinds)
         self.cache: dict[Key, dict[str, Any]] = {}
         self.stats: Counter[str] = Counter()
-        self._heap: list[tuple[float, Key]] = []
-        self._due: dict[Key, float] = {}
         self._failures: Counter[Key] = Counter()
+        self._progress: dict[Key, dict[str, Any]] = {}  # last progress status written per key
         self._cv = threading.Condition()
         self._stop = threading.Event()
+        self._queues = {k: WorkQueue(self._cv, self._stop) for k in kinds}
+        per = workers_per_kind
+        self.workers = {k: max(1, int(per.get(k, 1) if isinstance(per, dict) else per))
+                        for k in kinds}
         self._threads: list[threading.Thread] = []
         self._watches: list[Any] = []
         self.synced = {k: threading.Event() for k in kinds}
@@ -144,7 +152,10 @@ class ClusterSource:
             t = threading.Thread(target=self._watch_loop, args=(kind,), name=f"watch-{kind}",
                                  daemon=True)
             self._threads.append(t)
-        self._threads.append(threading.Thread(target=self._worker, name="reconcile", daemon=True))
+        for kind, n in self.workers.items():
+            for i in range(n):
+                self._threads.append(threading.Thread(target=self._worker, args=(kind,),
+                                                      name=f"reconcile-{kind}-{i}", daemon=True))
         if self.resync_s:
             self._threads.append(threading.Thread(target=self._resync_loop, daemon=True))
         for t in self._threads:
@@ -167,34 +178,26 @@ class ClusterSource:
     # ------------------------------------------------------------ queue
 
     def enqueue(self, key: Key, *, delay_s: float = 0.0) -> None:
-        due = time.monotonic() + delay_s
-        with self._cv:
-            if key in self._due and self._due[key] <= due:
-                return
-            self._due[key] = due
-            heapq.heappush(self._heap, (due, key))
-            self._cv.notify_all()
+        queue = self._queues.get(key[0])
+        if queue is not None:
+            queue.add(key, delay_s=delay_s)
 
     def enqueue_all(self) -> None:
         for key in list(self.cache):
             self.enqueue(key)
 
-    def _next(self) -> Key | None:
-        with self._cv:
-            while not self._stop.is_set():
-                while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
-                    heapq.heappop(self._heap)  # superseded entry
-                if self._heap and self._heap[0][0] <= time.monotonic():
-                    _, key = heapq.heappop(self._heap)
-                    del self._due[key]
-                    return key
-                timeout = self._heap[0][0] - time.monotonic() if self._heap else None
-                self._cv.wait(timeout)
-        return None
+    def in_process(self) -> set[Key]:
+        """Keys being reconciled right now (for tests and metrics)."""
+        out: set[Key] = set()
+        for q in self._queues.values():
+            out |= q.in_process()  # type: ignore[arg-type]
+        return out
 
     def _backoff(self, key: Key) -> float:
-        self._failures[key] += 1
-        return min(self.backoff_max_s, self.backoff_base_s * 2 ** (self._failures[key] - 1))
+        with self._cv:
+            self._failures[key] += 1
+            n = self._failures[key]
+        return min(self.backoff_max_s, self.backoff_base_s * 2 ** (n - 1))
 
     # ------------------------------------------------------------ list + watch
 
@@ -286,30 +289,68 @@ class ClusterSource:
 
     # ------------------------------------------------------------ reconcile
 
-    def _worker(self) -> None:
+    def _worker(self, kind: str) -> None:
+        queue = self._queues[kind]
         while True:
-            key = self._next()
+            key = queue.get()
             if key is None:
                 return
-            if not self._leading():
-                self.stats["not_leader_skips"] += 1
-                continue  # on_started_leading enqueues everything again
-            obj = self.cache.get(key)
-            if obj is None:
-                continue
             try:
-                requeue = self._reconcile_one(key[0], obj)
+                self._process(key)  # type: ignore[arg-type]
+            finally:
+                queue.done(key)
+
+    def _process(self, key: Key) -> None:
+        if not self._leading():
+            self.stats["not_leader_skips"] += 1
+            return  # on_started_leading enqueues everything again
+        obj = self.cache.get(key)
+        if obj is None:
+            return
+        try:
+            requeue = self._reconcile_one(key[0], obj)
+            with self._cv:
                 self._failures.pop(key, None)
-                if requeue is not None:
-                    self.enqueue(key, delay_s=requeue)
-            except RetryLater as e:
-                self.stats["retries"] += 1
-                log.info("%s %s/%s: retry later: %s", *key, e)
-                self.enqueue(key, delay_s=self._backoff(key))
-            except Exception:
-                self.stats["errors"] += 1
-                log.exception("reconciling %s %s/%s failed", *key)
-                self.enqueue(key, delay_s=self._backoff(key))
+            if requeue is not None:
+                self.enqueue(key, delay_s=requeue)
+        except RetryLater as e:
+            self.stats["retries"] += 1
+            log.info("%s %s/%s: retry later: %s", *key, e)
+            self.enqueue(key, delay_s=self._backoff(key))
+        except Exception:
+            self._progress.pop(key, None)
+            self.stats["errors"] += 1
+            log.exception("reconciling %s %s/%s failed", *key)
+            self.enqueue(key, delay_s=self._backoff(key))
+
+    def report_progress(self, kind: str, obj: dict[str, Any], status: dict[str, Any]) -> None:
+        """Write an intermediate status while ``obj`` is still being reconciled (called by a
+        reconciler, e.g. phase Compiling before a long compile). Best effort: a failed write
+        is logged, and the final status is written by the worker as usual."""
+        key = self._key(kind, obj)
+        current = self.cache.get(key) or obj
+        if current["metadata"].get("generation") != obj["metadata"].get("generation"):
+            return  # a newer spec is on its way; this progress is already stale
+        merged, changed = merge_status(current.get("status"), status,
+                                       generation=int(obj["metadata"].get("generation") or 1))
+        if same_status(current.get("status"), merged):
+            return
+        try:
+            stored = self.writer.write(self.infos[kind], current, merged)
+        except (RetryLater, Exception) as e:  # never break the reconcile that reports
+            log.info("progress status of %s %s not written: %s", kind, key[2], e)
+            return
+        if stored is None:
+            return
+        self.stats["progress_writes"] += 1
+        self._progress[key] = stored
+        with self._cv:
+            if not _older(stored, self.cache.get(key)):
+                self.cache[key] = stored
+        for c in changed:
+            self.writer.event(self.infos[kind], obj, type_="Normal",
+                              reason=c.get("reason") or c["type"],
+                              message=f"{c['type']}={c['status']}: {c.get('message', '')}")
 
     def _put(self, kind: str, obj: dict[str, Any]) -> dict[str, Any] | None:
         """Replace the main object (finalizers); None on 409 (a newer version is on its way)."""
@@ -350,11 +391,13 @@ class ClusterSource:
             self.stats["skipped_settled"] += 1
             return None
         old = obj.get("status")
+        key = self._key(kind, obj)
         try:
             schema.validate(obj, cluster=True)
             self.stats["reconciles"] += 1
             status = self.reconciler.reconcile(kind, obj)
         except RetryLater:
+            self._progress.pop(key, None)
             raise
         except (Rejected, EdgefleetError) as e:
             status = dict(old or {})
@@ -365,6 +408,10 @@ class ClusterSource:
                 condition("Progressing", False, "Stopped", "fix the spec to retry"),
                 condition("Degraded", True, getattr(e, "reason", "error"), str(e)),
             ]
+        progress = self._progress.pop(key, None)
+        if progress is not None and progress["metadata"].get("generation") == meta.get(
+                "generation"):
+            obj, old = progress, progress.get("status")  # write over our own progress status
         merged, changed = merge_status(old, status, generation=int(meta.get("generation") or 1))
         if not same_status(old, merged):
             stored = self.writer.write(info, obj, merged)

@@ -177,8 +177,10 @@ def install_dashboard(app: FastAPI, core: Any) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def overview() -> HTMLResponse:
         with db_session(core) as s:
-            body = overview_html(queries.list_devices(s), queries.list_models(s),
-                                 queries.list_rollouts(s), queries.list_events(s, limit=20))
+            res = queries.resources_of(core)
+            body = overview_html(queries.list_devices(s), queries.list_models(s, resources=res),
+                                 queries.list_rollouts(s, resources=res),
+                                 queries.list_events(s, limit=20))
         return HTMLResponse(body)
 
     @app.get("/devices/{device_id}", response_class=HTMLResponse, include_in_schema=False)

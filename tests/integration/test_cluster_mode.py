@@ -133,6 +133,58 @@ def _rows(db: Any) -> dict[str, DeviceRollout]:
         return {r.device_id: r for r in s.exec(select(DeviceRollout)).all()}
 
 
+class StatusHistory:
+    """Every status of one EdgeModel as a watch sees it: (phase, Compiled reason, Ready)."""
+
+    def __init__(self, api_client: Any, name: str) -> None:
+        from kubernetes import client, watch
+
+        self.seen: list[tuple[str, str, str]] = []
+        self.lock = threading.Lock()
+        self._w = watch.Watch()
+        self._api = client.CustomObjectsApi(api_client)
+        self._name = name
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        rv = ""
+        while not self._stop.is_set():
+            try:
+                for ev in self._w.stream(self._api.list_namespaced_custom_object, G, V,
+                                         "default", "edgemodels", resource_version=rv,
+                                         timeout_seconds=170):
+                    rv = str(ev["raw_object"]["metadata"]["resourceVersion"])
+                    self._record(ev["raw_object"])
+            except Exception:  # a dropped watch resumes from the last resourceVersion
+                self._stop.wait(0.1)
+
+    def _record(self, obj: dict[str, Any]) -> None:
+        if obj["metadata"]["name"] == self._name and obj.get("status"):
+            conds = {c["type"]: c for c in obj["status"].get("conditions") or []}
+            entry = (str(obj["status"].get("phase", "")),
+                     str(conds.get("Compiled", {}).get("reason", "")),
+                     str(conds.get("Ready", {}).get("status", "")))
+            with self.lock:
+                if not self.seen or self.seen[-1] != entry:
+                    self.seen.append(entry)
+
+    def history(self) -> list[tuple[str, str, str]]:
+        with self.lock:
+            return list(self.seen)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._w.stop()
+
+
+def _api_items(url: str, path: str) -> dict[str, dict[str, Any]]:
+    r = httpx.get(f"{url}/api/v1/{path}", timeout=10)
+    assert r.status_code == 200, r.text
+    return {f"{i['namespace']}/{i['name']}": i for i in r.json()["items"]}
+
+
 class OfferCounter:
     """Counts live (non-retained) offers per device on the broker: one per publish_offer."""
 
@@ -192,6 +244,7 @@ def test_cluster_mode_rollout_survives_controller_restart(env: Env) -> None:
     api_client = env.kube.api_client()
     api = client.CustomObjectsApi(api_client)
     counter = OfferCounter(env.broker.port)
+    history: StatusHistory | None = None
     try:
         # the first controller pod; agents start meanwhile (both are slow to import)
         first = env.start_controller("controller-a")
@@ -204,6 +257,7 @@ def test_cluster_mode_rollout_survives_controller_restart(env: Env) -> None:
             a.start()
             env.agents.append(a)
         assert "created" in env.kubectl("apply", "-f", str(ROOT / "manifests" / "crds"))
+        history = StatusHistory(api_client, "digits")
         env.kubectl("apply", "-f",
                     str(ROOT / "manifests" / "deviceclasses" / f"{local_device_class()}.yaml"))
         wait_for(lambda: _ready(first), timeout=60, what="controller-a /readyz")
@@ -258,6 +312,26 @@ def test_cluster_mode_rollout_survives_controller_restart(env: Env) -> None:
         assert [e["deviceClass"] for e in engines] == [local_device_class()]
         assert len(engines[0]["sha256"]) == 64 and engines[0]["precision"] == "fp32"
         assert m["status"]["observedGeneration"] == 1 and m["status"]["sourceSha256"] == sha
+        # a watch saw the intermediate Compiling status (written before the compile) first
+        assert history is not None
+        seen = wait_for(lambda: (h := history.history()) and h[-1][0] == "Ready" and h,
+                        what="watch sees Ready")
+        assert ("Compiling", "Compiling", "False") in seen, seen
+        assert seen.index(("Compiling", "Compiling", "False")) < seen.index(
+            ("Ready", "AllCompiled", "True")), seen
+
+        # the API and dashboard show the cluster's objects (watch cache) with their status
+        models = _api_items(first.url, "models")
+        assert set(models) == {"default/digits"}, models
+        assert (models["default/digits"]["phase"], models["default/digits"]["compiled"],
+                models["default/digits"]["source_sha256"]) == ("Ready", "1/1", sha)
+        full = httpx.get(f"{first.url}/api/v1/models/default/digits", timeout=10).json()
+        assert [e["engine_sha256"] for e in full["engines"]] == [engines[0]["sha256"]]
+        assert full["status"]["observedGeneration"] == 1
+        assert httpx.get(f"{first.url}/api/v1/models/default/nope", timeout=10).status_code \
+            == 404
+        assert set(_api_items(first.url, "deviceclasses")) == {f"/{local_device_class()}"}
+        assert _api_items(first.url, "rollouts")["default/digits"]["model"] == "digits"
 
         # canary commits on a real agent; then the controller dies mid-rollout (soak window)
         rows = wait_for(lambda: (r := _rows(db)).get("board-1") and r["board-1"].state
@@ -293,6 +367,21 @@ def test_cluster_mode_rollout_survives_controller_restart(env: Env) -> None:
         assert st["phase"] == "Complete" and st["observedGeneration"] == 1
         assert {d: v["state"] for d, v in st["devices"].items()} == {
             "board-1": "committed", "board-2": "committed"}
+        # the new leader's API and dashboard: rollout status from the cluster, devices from DB
+        def api_complete() -> dict[str, Any] | None:
+            r = _api_items(second.url, "rollouts").get("default/digits")
+            return r if r and r["phase"] == "Complete" else None
+        api_ro = wait_for(api_complete, what="API shows the rollout Complete")
+        assert (api_ro["progress"], api_ro["devices_committed"], api_ro["model"]) == (
+            "2/2", 2, "digits")
+        one = httpx.get(f"{second.url}/api/v1/rollouts/default/digits", timeout=10).json()
+        assert {d["device_id"]: d["state"] for d in one["devices"]} == {
+            "board-1": "committed", "board-2": "committed"}
+        page = httpx.get(f"{second.url}/", timeout=10).text
+        models_table = page.split('id="models"')[1].split("</table>")[0]
+        rollouts_table = page.split('id="rollouts"')[1].split("</table>")[0]
+        assert "default/digits" in models_table and "Ready" in models_table, models_table
+        assert "default/digits" in rollouts_table and "2/2" in rollouts_table, rollouts_table
 
         # nobody was offered twice: the committed canary was not re-offered after the restart
         assert counter.per_device() == {"board-1": 1, "board-2": 1}
@@ -315,6 +404,8 @@ def test_cluster_mode_rollout_survives_controller_restart(env: Env) -> None:
         assert _lease_holder(api_client) == ""
         db.dispose()
     finally:
+        if history is not None:
+            history.close()
         counter.close()
         api_client.close()
 

@@ -233,3 +233,91 @@ def test_async_reconcile_functions_through_loop_adapter(kube: RunningKube, api: 
         client.close()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+class BlockingReconciler:
+    """EdgeModel "slow" reports progress (phase Compiling) through the source, then blocks
+    until ``release`` is set (a long compile); everything else is Ready at once. Records how
+    many reconciles of one key run at the same time."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.source: Any = None
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.running: dict[str, int] = {}
+        self.max_running: dict[str, int] = {}
+        self.calls: list[tuple[str, str, int]] = []
+
+    def reconcile(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+        from controller.crd.status import condition
+
+        name, gen = obj["metadata"]["name"], int(obj["metadata"]["generation"])
+        with self.lock:
+            self.calls.append((kind, name, gen))
+            self.running[name] = self.running.get(name, 0) + 1
+            self.max_running[name] = max(self.max_running.get(name, 0), self.running[name])
+        try:
+            if kind == "EdgeModel" and name == "slow":
+                self.source.report_progress(kind, obj, {"phase": "Compiling", "conditions": [
+                    condition("Compiled", False, "Compiling", "compiling for x"),
+                    condition("Ready", False, "Compiling", "compiling for x")]})
+                self.entered.set()
+                assert self.release.wait(30), "never released"
+            return {"phase": "Ready", "conditions": [condition("Ready", True, "Done"),
+                                                     condition("Compiled", True, "Done")]}
+        finally:
+            with self.lock:
+                self.running[name] -= 1
+
+    def finalize(self, kind: str, obj: dict[str, Any]) -> None:
+        pass
+
+
+def test_slow_model_does_not_hold_up_rollouts_and_reports_progress(kube: RunningKube,
+                                                                    api: Any) -> None:
+    from controller.crd.source import ClusterSource
+
+    rec = BlockingReconciler()
+    client = kube.api_client()
+    src = ClusterSource(client, rec, resync_s=None, progress_requeue_s=0.05,
+                        workers_per_kind={"EdgeModel": 2})
+    rec.source = src
+    src.start()
+    try:
+        api.create_namespaced_custom_object(G, V, "default", "edgemodels", model("slow", ["x"]))
+        assert rec.entered.wait(20)
+        # while the model "compiles", its progress is in the cluster for this generation
+        o = get(api, "edgemodels", "slow")
+        assert o is not None and o["status"]["phase"] == "Compiling"
+        assert o["status"]["observedGeneration"] == 1 and cond(o, "Compiled") == "False"
+        assert {c["type"]: c["reason"] for c in o["status"]["conditions"]}["Compiled"] == \
+            "Compiling"
+        # an EdgeRollout (own queue and worker) and another model (second model worker)
+        # are reconciled while "slow" is still blocked
+        api.create_namespaced_custom_object(G, V, "default", "edgerollouts", {
+            "apiVersion": f"{G}/{V}", "kind": "EdgeRollout",
+            "metadata": {"name": "r", "namespace": "default"},
+            "spec": {"model": "slow", "waves": [{"name": "all", "percent": 100}]}})
+        api.create_namespaced_custom_object(G, V, "default", "edgemodels", model("quick", ["x"]))
+        wait_for(lambda: cond(get(api, "edgerollouts", "r"), "Ready") == "True",
+                 what="rollout Ready while the model compiles")
+        _ready(api, "quick")
+        # a spec change while "slow" is in process waits for it: never reconciled twice at once
+        api.patch_namespaced_custom_object(G, V, "default", "edgemodels", "slow",
+                                           {"spec": {"version": 2}})
+        wait_for(lambda: src.cache[("EdgeModel", "default", "slow")]["metadata"]["generation"]
+                 == 2, what="generation 2 in the cache")
+        assert not rec.release.is_set() and ("EdgeModel", "default", "slow") in src.in_process()
+        assert [c for c in rec.calls if c[1] == "slow"] == [("EdgeModel", "slow", 1)]
+        rec.release.set()
+        o = _ready(api, "slow", generation=2)
+        assert o["status"]["phase"] == "Ready"
+        assert rec.max_running["slow"] == 1
+        assert src.stats["progress_writes"] >= 2  # one per generation
+    finally:
+        rec.release.set()
+        src.stop()
+        client.close()
