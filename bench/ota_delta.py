@@ -6,9 +6,10 @@ quantize_dynamic), changed architecture (a layer added before the head), a 16 MB
 with a few bytes changed; plus silero-vad 5.1 -> 6.0 (``silero_vad.onnx`` from the PyPI
 wheels, fetched with ``pip download`` into a cache dir; skipped with a message when absent).
 
-Every measured step runs in a child process (time, peak RSS of it and its children):
-whole-file bsdiff4 (killed after ``--bsdiff-timeout-s``: "timeout"), our plan (diff), our
-apply (patch). Prints a table, writes bench/results/ota_delta.json.
+Every measured step runs in a fresh child process (time with and without its imports, peak RSS
+of it and its children, raw and above the child's RSS after its imports): whole-file bsdiff4
+(killed after ``--bsdiff-timeout-s``: "timeout"), our plan (diff), our apply (patch). Prints a
+table, writes bench/results/ota_delta.json.
 
     .venv/bin/python -m bench.ota_delta [--bsdiff-timeout-s 120] [--no-silero]
 """
@@ -43,31 +44,43 @@ from pathlib import Path
 mode, args = sys.argv[1], sys.argv[2:]
 t0 = time.monotonic()
 out = {}
+def status(key):
+    return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) * 1024
 if mode == "bsdiff":
     import bsdiff4
+    base, t1 = status("VmRSS"), time.monotonic()
     patch = bsdiff4.diff(Path(args[0]).read_bytes(), Path(args[1]).read_bytes())
     out["size"] = len(patch)
 elif mode == "plan":
     from protos.codecs import plan
+    base, t1 = status("VmRSS"), time.monotonic()
     c = plan(Path(args[0]), Path(args[1]), Path(args[2]), time_limit_s=float(args[3]))
     out.update(codec=c.codec, size=c.size, path=str(c.path), candidates=c.candidates)
 elif mode == "apply":
     from protos.codecs import apply
+    base, t1 = status("VmRSS"), time.monotonic()
     apply(args[0], Path(args[1]), Path(args[2]), Path(args[3]),
           max_output_bytes=1 << 34, expected_sha256=args[4])
-out["seconds"] = time.monotonic() - t0
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-out["hwm_bytes"] = int(hwm) * 1024
+t2 = time.monotonic()
+out.update(seconds=t2 - t0, call_seconds=t2 - t1, baseline_bytes=base, hwm_bytes=status("VmHWM"))
 print(json.dumps(out))
 """
 
 
 def _child(mode: str, *args: str, timeout_s: float) -> dict[str, Any]:
-    """Run one step in a fresh process; peak = max over 10 ms samples of the RSS summed over
-    the process and its children (block workers), and the child's own VmHWM."""
+    """Run one step in a fresh process.
+
+    ``seconds`` includes the interpreter's imports, ``call_seconds`` is the call alone.
+    ``peak_bytes``: the larger of (a) the max over 10 ms samples of the RSS summed over the
+    process and its children (block workers) and (b) the process's own VmHWM plus the largest
+    sampled RSS of its children (an upper bound: the two peaks need not coincide).
+    ``baseline_bytes``: the process's RSS after its imports, before the call;
+    ``peak_above_baseline_bytes`` = peak - baseline (children's interpreters stay counted).
+    """
     proc = subprocess.Popen([sys.executable, "-c", CHILD, mode, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    peak, deadline = 0, time.monotonic() + timeout_s
+    peak = kids_peak = 0
+    deadline = time.monotonic() + timeout_s
     ps = psutil.Process(proc.pid)
     while proc.poll() is None:
         if time.monotonic() > deadline:
@@ -75,7 +88,14 @@ def _child(mode: str, *args: str, timeout_s: float) -> dict[str, Any]:
             proc.communicate()
             return {"error": "timeout", "seconds": timeout_s}
         try:
-            peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
+            own = ps.memory_info().rss
+            kids = 0
+            for k in ps.children(recursive=True):
+                try:
+                    kids += k.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak, kids_peak = max(peak, own + kids), max(kids_peak, kids)
         except psutil.Error:
             pass
         time.sleep(0.01)
@@ -83,7 +103,8 @@ def _child(mode: str, *args: str, timeout_s: float) -> dict[str, Any]:
     if proc.returncode != 0:
         return {"error": err.strip().splitlines()[-1] if err.strip() else "failed"}
     res = dict(json.loads(out.strip().splitlines()[-1]))
-    res["peak_bytes"] = max(peak, res.pop("hwm_bytes"))
+    res["peak_bytes"] = max(peak, res.pop("hwm_bytes") + kids_peak)
+    res["peak_above_baseline_bytes"] = res["peak_bytes"] - res["baseline_bytes"]
     return res
 
 
@@ -218,13 +239,20 @@ def _targets(r: dict[str, Any]) -> dict[str, bool]:
     inputs = r["old_bytes"] + r["new_bytes"]
     d, w = r["plan"], r["bsdiff4_whole"]
     t = {"not_larger_than_zstd19_plus_1KiB": d["size"] <= r["zstd19_bytes"] + 1024,
-         "diff_peak_le_4_bytes_per_input_byte": d["peak_bytes"] <= 4 * inputs}
+         # raw: the whole RSS of the diff process tree, interpreter and imports included
+         "diff_peak_le_4_bytes_per_input_byte": d["peak_bytes"] <= 4 * inputs,
+         # above the diff process's own RSS after its imports (workers stay counted in full)
+         "diff_peak_above_baseline_le_4_bytes_per_input_byte":
+             d["peak_above_baseline_bytes"] <= 4 * inputs}
     if "size" in w:
         if r["pair"] == "full fine-tune":
             t["le_60pct_of_whole_bsdiff4"] = d["size"] <= 0.6 * w["size"]
         if r["pair"] == "head-only fine-tune":
             t["le_whole_bsdiff4"] = d["size"] <= w["size"]
+    # seconds: fresh process, imports included (as whole-file bsdiff4 is measured);
+    # call_seconds: the plan() call alone (a running controller has its imports done)
     t["diff_time_le_10pct_of_whole_bsdiff4"] = d["seconds"] <= 0.1 * w["seconds"]
+    t["diff_call_time_le_10pct_of_whole_bsdiff4"] = d["call_seconds"] <= 0.1 * w["seconds"]
     if r["pair"] == "16 MB all-zero":
         t["all_zero_under_2s"] = d["seconds"] < 2.0
     return t
@@ -236,8 +264,9 @@ def _mb(n: float) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| pair | new MB | zstd-19 MB | zstd-19 patch-from MB | whole bsdiff4 MB (s, peak MB) "
-            "| ours MB (codec) | diff s | diff peak MB (B/input B) | patch s | patch peak MB "
-            "| targets |\n|" + "---|" * 11)
+            "| ours MB (codec) | diff s (call s) | diff peak MB (B/input B) "
+            "| above baseline MB (B/input B) | patch s | patch peak MB | targets missed |\n|"
+            + "---|" * 12)
     lines = [head]
     for r in rows:
         w, d, p = r["bsdiff4_whole"], r["plan"], r.get("patch", {})
@@ -245,17 +274,19 @@ def table(rows: list[dict[str, Any]]) -> str:
                  if "size" in w else f"{w['error']} (> {w.get('seconds', 0):.0f} s)")
         if "error" in d:
             lines.append(f"| {r['pair']} | {_mb(r['new_bytes'])} | {_mb(r['zstd19_bytes'])} | "
-                         f"- | {whole} | error: {d['error']} | | | | | |")
+                         f"- | {whole} | error: {d['error']} | | | | | | |")
             continue
-        per = d["peak_bytes"] / (r["old_bytes"] + r["new_bytes"])
+        inputs = r["old_bytes"] + r["new_bytes"]
         failed = [k for k, v in r.get("targets", {}).items() if not v]
         lines.append(
             f"| {r['pair']} | {_mb(r['new_bytes'])} | {_mb(r['zstd19_bytes'])} | "
             f"{_mb(r['zstd19_patch_from_bytes'])} ({r['zstd19_patch_from_seconds']:.1f} s) | "
-            f"{whole} | {_mb(d['size'])} ({d['codec']}) | {d['seconds']:.2f} | "
-            f"{d['peak_bytes'] / 1e6:.0f} ({per:.2f}) | {p.get('seconds', 0):.2f} | "
-            f"{p.get('peak_bytes', 0) / 1e6:.0f} | "
-            f"{'all met' if not failed else 'missed: ' + ', '.join(failed)} |")
+            f"{whole} | {_mb(d['size'])} ({d['codec']}) | "
+            f"{d['seconds']:.2f} ({d['call_seconds']:.2f}) | "
+            f"{d['peak_bytes'] / 1e6:.0f} ({d['peak_bytes'] / inputs:.2f}) | "
+            f"{d['peak_above_baseline_bytes'] / 1e6:.0f} "
+            f"({d['peak_above_baseline_bytes'] / inputs:.2f}) | {p.get('seconds', 0):.2f} | "
+            f"{p.get('peak_bytes', 0) / 1e6:.0f} | {', '.join(failed) if failed else 'none'} |")
     return "\n".join(lines)
 
 
@@ -278,9 +309,11 @@ def main() -> None:
     result = {"bench": "ota_delta", "host": platform.node(), "cpus": os.cpu_count(),
               "python": platform.python_version(), "bsdiff_timeout_s": args.bsdiff_timeout_s,
               "total_seconds": round(time.monotonic() - t_start, 1), "rows": rows,
-              "peak_note": "peak = max of 10 ms samples of RSS summed over the child process "
-                           "and its workers, and the child's VmHWM; includes the ~60 MB "
-                           "interpreter baseline and mmapped file pages"}
+              "peak_note": "peak_bytes = max(10 ms samples of RSS summed over the child process "
+                           "and its block workers, child's VmHWM + largest sampled worker RSS); "
+                           "includes the interpreter and its imports (baseline_bytes: the "
+                           "child's RSS after imports) and mmapped file pages; "
+                           "peak_above_baseline_bytes = peak_bytes - baseline_bytes"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ota_delta.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {RESULTS / 'ota_delta.json'} in {result['total_seconds']} s")

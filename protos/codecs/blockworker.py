@@ -1,9 +1,9 @@
 """Worker process for the ``bsdiff4`` block codec (``python -m protos.codecs.blockworker``).
 
-bsdiff can take minutes on repetitive input, so :mod:`protos.codecs.blocks` runs it in
-these processes and kills them at its deadline. Protocol: one JSON task per line on stdin
-(``old``, ``new``, ``new_off``, ``new_len``, ``old_off``, ``old_len``, ``try_bsdiff``); for each,
-stdout gets a u64 length, a u8 method and the encoded block record. Exits at end of input.
+bsdiff can take minutes on repetitive input, so :mod:`protos.codecs.blockmake` runs it in this
+process and kills it at its deadline. Protocol: one JSON task per line on stdin (``old``,
+``new``, ``new_off``, ``new_len``, ``old_off``, ``old_len``); for each, stdout gets a u64 length
+and the BSDIFF payload of that range. Exits at end of input. Imports no numpy (small process).
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import sys
 
 
 def main() -> None:
-    from protos.codecs.blocks import METHOD_NAMES, encode_block
+    from protos.codecs.blocks import bsdiff_range
 
     out = sys.stdout.buffer
     for line in sys.stdin.buffer:
         t = json.loads(line)
-        rec, method = encode_block(t["old"], t["new"], t["new_off"], t["new_len"], t["old_off"],
-                                   t["old_len"], try_bsdiff=t["try_bsdiff"])
-        out.write(struct.pack("<QB", len(rec), METHOD_NAMES.index(method)))
-        out.write(rec)
+        payload = bsdiff_range(t["old"], t["new"], t["new_off"], t["new_len"], t["old_off"],
+                               t["old_len"])
+        out.write(struct.pack("<Q", len(payload)))
+        out.write(payload)
         out.flush()
 
 

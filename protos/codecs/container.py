@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from protos.errors import Rejected
 
@@ -93,8 +93,9 @@ def file_sha256(path: Path, *, memo: bool = False) -> str:
 
 
 def check_header(header: Header, *, codec: str, old: Path | None, max_output_bytes: int,
-                 expected_sha256: str) -> None:
-    """Everything that can be refused before a single output byte is written."""
+                 expected_sha256: str, memo: bool = False) -> None:
+    """Everything that can be refused before a single output byte is written. ``memo``: the
+    base hash may come from :func:`file_sha256`'s memo (the planner's own check only)."""
     if header.codec != codec:
         raise Rejected(f"delta holds codec {header.codec!r}, expected {codec!r}",
                        reason="delta_codec_mismatch")
@@ -108,9 +109,41 @@ def check_header(header: Header, *, codec: str, old: Path | None, max_output_byt
         return
     if old is None:
         raise Rejected("delta needs a base file and none was given", reason="delta_wrong_base")
-    if old.stat().st_size != header.base_size or file_sha256(old) != header.base_sha256:
+    if old.stat().st_size != header.base_size or file_sha256(old, memo=memo) != header.base_sha256:
         raise Rejected("base file is not the one this delta was made from",
                        reason="delta_wrong_base")
+
+
+class Sink(Protocol):
+    """Where a codec's ``apply`` writes the target: :class:`AtomicSink` or :class:`HashSink`."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+
+class HashSink:
+    """Output that keeps nothing: counts and hashes what ``apply`` produces, with the checks of
+    :class:`AtomicSink`. The planner verifies a delta with it (no temp file, no fsync)."""
+
+    def __init__(self, *, limit_bytes: int, expected_sha256: str) -> None:
+        self.limit_bytes = limit_bytes
+        self.expected_sha256 = expected_sha256.lower()
+        self.written = 0
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += len(data)
+        if self.written > self.limit_bytes:
+            raise Rejected(f"delta output exceeds its declared size {self.limit_bytes}",
+                           reason="delta_malformed")
+        self._hash.update(data)
+
+    def commit(self) -> None:
+        if self.written != self.limit_bytes:
+            raise Rejected(f"delta produced {self.written} bytes, header says "
+                           f"{self.limit_bytes}", reason="delta_malformed")
+        if self._hash.hexdigest() != self.expected_sha256:
+            raise Rejected("patched output sha256 does not match the expected sha256",
+                           reason="delta_hash_mismatch")
 
 
 class AtomicSink:

@@ -6,21 +6,24 @@ by every device on that base) and by ``edgefleet delta make`` (:mod:`protos.code
 Candidates run in the order full, tensor-xor, bsdiff4 within one overall time budget
 (bsdiff4 is skipped when tensor-xor paired at least ``SKIP_BSDIFF_MATCHED`` of the target);
 a candidate that fails, does not apply to the input or runs out of time is recorded with an
-``error`` and skipped. The chosen delta is applied once to a temp file and checked against
-the target's sha256 before it is returned.
+``error`` and skipped. ``full`` is made at a fast zstd level and remade at level 19 only where
+that could change the choice. The chosen delta is applied once (output hashed, not written)
+and checked against the target's sha256 before it is returned.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zstandard
+
 from protos.codecs.container import file_sha256
-from protos.codecs.core import CODECS, apply, make
+from protos.codecs.core import CODECS, make, verify
+from protos.codecs.full import LEVEL_BEST, LEVEL_FAST, zstd_params
 from protos.errors import EdgefleetError, GiveUp
 
 _ORDER = ("full", "tensor-xor", "bsdiff4")
@@ -28,6 +31,15 @@ _ORDER = ("full", "tensor-xor", "bsdiff4")
 # measured in bench/ota_delta.py it then always lost (head-only, fine-tune, new head), and it
 # is the slowest candidate.
 SKIP_BSDIFF_MATCHED = 0.9
+# ``full`` is made at LEVEL_FAST. Level 19 shrank model files by at most 3.3 % against it in
+# bench/ota_delta.py (silero-vad 3.2 %; float weights <= 0.1 %, often larger): where another
+# candidate is smaller than (1 - BEST_LEVEL_MARGIN) x full, a better ``full`` cannot win and is
+# not tried. Otherwise samples of the target at both levels decide whether level 19 is worth
+# its time (BEST_LEVEL_MIN_GAIN).
+BEST_LEVEL_MARGIN = 0.10
+BEST_LEVEL_MIN_GAIN = 0.005
+SAMPLE_BYTES = 256 << 10
+SAMPLES = 4
 
 
 @dataclass(frozen=True)
@@ -84,9 +96,11 @@ def plan(old: Path | None, new: Path, out_dir: Path, *, codecs: tuple[str, ...] 
         candidates[codec] = {"size": path.stat().st_size,
                              "seconds": round(time.monotonic() - t0, 3), **stats}
         made[codec] = path
+    if "full" in made:
+        _maybe_best_full(new, made["full"], candidates, deadline=deadline)
     chosen: str | None = None
     for codec in sorted(made, key=lambda c: (candidates[c]["size"], _ORDER.index(c))):
-        if _verifies(codec, old, made[codec], new_sha=new_sha, size=new.stat().st_size):
+        if _verifies(codec, old, made[codec], new_sha=new_sha):
             chosen = codec
             break
         candidates[codec]["error"] = "verify_failed"
@@ -100,14 +114,49 @@ def plan(old: Path | None, new: Path, out_dir: Path, *, codecs: tuple[str, ...] 
                        sha256=file_sha256(path), candidates=candidates)
 
 
-def _verifies(codec: str, old: Path | None, delta: Path, *, new_sha: str, size: int) -> bool:
-    fd, name = tempfile.mkstemp(prefix=".verify.", dir=delta.parent)
-    os.close(fd)
-    tmp = Path(name)
+def _maybe_best_full(new: Path, path: Path, candidates: dict[str, dict[str, Any]], *,
+                     deadline: float) -> None:
+    """Remake ``full`` at LEVEL_BEST where it could become the choice and samples say it pays."""
+    full = candidates["full"]
+    others = [c["size"] for k, c in candidates.items() if k != "full" and "size" in c]
+    if others and min(others) < (1 - BEST_LEVEL_MARGIN) * full["size"]:
+        return
+    t0 = time.monotonic()
+    gain = _sampled_gain(new)
+    full["best_level_sample_gain"] = round(gain, 4)
+    if gain < BEST_LEVEL_MIN_GAIN or time.monotonic() >= deadline:
+        return
+    best = path.with_name(path.name + ".best")
     try:
-        apply(codec, old, delta, tmp, max_output_bytes=size, expected_sha256=new_sha)
+        make("full", None, new, best, level=LEVEL_BEST)
+        if best.stat().st_size < full["size"]:
+            os.replace(best, path)
+            full.update(size=path.stat().st_size, level=LEVEL_BEST)
+    finally:
+        best.unlink(missing_ok=True)
+        full["seconds"] = round(full["seconds"] + time.monotonic() - t0, 3)
+
+
+def _sampled_gain(new: Path) -> float:
+    """1 - size(LEVEL_BEST) / size(LEVEL_FAST) over SAMPLES slices of the target."""
+    size = new.stat().st_size
+    n = min(size, SAMPLE_BYTES)
+    offsets = sorted({(size - n) * i // max(1, SAMPLES - 1) for i in range(SAMPLES)})
+    fast = zstandard.ZstdCompressor(compression_params=zstd_params(LEVEL_FAST, size=n))
+    best = zstandard.ZstdCompressor(compression_params=zstd_params(LEVEL_BEST, size=n))
+    zf = zb = 0
+    with open(new, "rb") as f:
+        for off in offsets:
+            f.seek(off)
+            data = f.read(n)
+            zf += len(fast.compress(data))
+            zb += len(best.compress(data))
+    return 1 - zb / zf if zf else 0.0
+
+
+def _verifies(codec: str, old: Path | None, delta: Path, *, new_sha: str) -> bool:
+    try:
+        verify(codec, old, delta, expected_sha256=new_sha)
         return True
     except EdgefleetError:
         return False
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -17,9 +17,13 @@ on an mmap of the old file) holds one piece at a time. Layout: docs/deltas.md.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
+import os
+import shutil
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -27,7 +31,14 @@ from typing import BinaryIO
 import numpy as np
 import zstandard
 
-from protos.codecs.container import AtomicSink, BoundedReader, Header, file_sha256
+from protos.codecs.container import (
+    READ_CHUNK_BYTES,
+    BoundedReader,
+    Header,
+    Sink,
+    file_sha256,
+)
+from protos.codecs.full import zstd_params
 from protos.codecs.onnxwire import NotOnnx, TensorSpan, tensor_spans
 from protos.errors import GiveUp, Rejected
 
@@ -88,7 +99,8 @@ def make_tensorxor(old: Path | None, new: Path, out_f: BinaryIO,
         raise GiveUp("tensor-xor needs two non-empty ONNX files", reason="not_applicable")
     with open(old, "rb") as fo, open(new, "rb") as fn, \
             mmap.mmap(fo.fileno(), 0, access=mmap.ACCESS_READ) as om, \
-            mmap.mmap(fn.fileno(), 0, access=mmap.ACCESS_READ) as nm:
+            mmap.mmap(fn.fileno(), 0, access=mmap.ACCESS_READ) as nm, \
+            contextlib.ExitStack() as stack:
         try:
             new_spans, old_spans = tensor_spans(nm), tensor_spans(om)
         except NotOnnx as e:
@@ -122,41 +134,64 @@ def make_tensorxor(old: Path | None, new: Path, out_f: BinaryIO,
                         target_sha256=file_sha256(new, memo=True),
                         base_size=len(om), base_sha256=file_sha256(old, memo=True))
         out_f.write(header.pack())
-        # ops are rewritten below when a matched piece is cheaper as a literal
-        data_z = io.BytesIO()
-        cctx = zstandard.ZstdCompressor(level=DATA_LEVEL, threads=-1)
-        fast = zstandard.ZstdCompressor(level=1)
-        final_kinds: list[int] = []
-        lit_bytes = 0
-        with cctx.stream_writer(data_z, closefd=False) as w:
-            for kind, elem, new_off, old_off, n in data_parts:
-                new_b = nm[new_off:new_off + n]
-                lit = shuffle(new_b, elem)
-                if kind == XOR:
-                    x = shuffle(_xor(new_b, om[old_off:old_off + n]), elem)
-                    if len(fast.compress(x)) > len(fast.compress(lit)):
-                        kind, x = LIT, lit
-                    w.write(x)
-                else:
-                    w.write(lit)
-                lit_bytes += n if kind == LIT else 0
-                final_kinds.append(kind)
+        # ops are rewritten below when a matched piece is cheaper as a literal; the data stream
+        # goes to a temp file beside the output (it follows the op table in the delta), so the
+        # compressed data is never held in memory
+        data_z = tempfile.TemporaryFile(prefix=".efdelta-data-", dir=_dir_of(out_f))
+        stack.callback(data_z.close)
+        final_kinds, lit_bytes = _write_data(data_parts, nm, om, data_z)
         ops = _with_kinds(ops, final_kinds)
         meta = b"".join([struct.pack("<I", len(old_skel_spans))]
                         + [_SPAN.pack(o, n) for o, n in old_skel_spans]
                         + [struct.pack("<I", len(ops))] + [_OP.pack(*op) for op in ops])
-        meta_z = zstandard.ZstdCompressor(level=SKELETON_LEVEL).compress(meta)
-        skel_z = zstandard.ZstdCompressor(level=SKELETON_LEVEL, dict_data=_zdict(old_skel)) \
-            .compress(new_skel)
+        meta_z = zstandard.ZstdCompressor(compression_params=zstd_params(
+            SKELETON_LEVEL, size=len(meta))).compress(meta)
+        skel_z = zstandard.ZstdCompressor(
+            compression_params=zstd_params(SKELETON_LEVEL, size=len(old_skel) + len(new_skel)),
+            dict_data=_zdict(old_skel)).compress(new_skel)
         for raw_len, z in ((len(meta), meta_z), (len(new_skel), skel_z)):
             out_f.write(struct.pack("<QQ", raw_len, len(z)))
             out_f.write(z)
-        out_f.write(data_z.getvalue())
+        data_z_bytes = data_z.tell()
+        data_z.seek(0)
+        shutil.copyfileobj(data_z, out_f, READ_CHUNK_BYTES)
         if stats is not None:
             stats.update(tensors=len(new_spans), matched_bytes=matched, literal_bytes=lit_bytes,
                          skeleton_bytes=len(new_skel), skeleton_z_bytes=len(skel_z),
-                         data_z_bytes=data_z.tell())
+                         data_z_bytes=data_z_bytes)
         return header
+
+
+def _dir_of(f: BinaryIO) -> str | None:
+    name = getattr(f, "name", None)
+    if not isinstance(name, str):
+        return None
+    return os.path.dirname(name) or None
+
+
+def _write_data(data_parts: list[tuple[int, int, int, int, int]], nm: mmap.mmap, om: mmap.mmap,
+                data_z: BinaryIO) -> tuple[list[int], int]:
+    """Compress the byte-shuffled XOR / literal payloads into ``data_z``; a matched piece whose
+    XOR compresses worse (zstd -1) than its literal becomes a literal. Returns (kinds, literal
+    bytes)."""
+    cctx = zstandard.ZstdCompressor(compression_params=zstd_params(DATA_LEVEL))
+    fast = zstandard.ZstdCompressor(level=1)
+    kinds: list[int] = []
+    lit_bytes = 0
+    with cctx.stream_writer(data_z, closefd=False) as w:
+        for kind, elem, new_off, old_off, n in data_parts:
+            new_b = nm[new_off:new_off + n]
+            lit = shuffle(new_b, elem)
+            if kind == XOR:
+                x = shuffle(_xor(new_b, om[old_off:old_off + n]), elem)
+                if len(fast.compress(x)) > len(fast.compress(lit)):
+                    kind, x = LIT, lit
+                w.write(x)
+            else:
+                w.write(lit)
+            lit_bytes += n if kind == LIT else 0
+            kinds.append(kind)
+    return kinds, lit_bytes
 
 
 def _with_kinds(ops: list[tuple[int, int, int, int]],
@@ -216,7 +251,7 @@ def _read_exact(reader: BinaryIO, n: int, what: str) -> bytes:
 
 
 def apply_tensorxor(r: BoundedReader, header: Header, old: Path | None,
-                    sink: AtomicSink) -> None:
+                    sink: Sink) -> None:
     if old is None:
         raise Rejected("tensor-xor delta needs the base file", reason="delta_wrong_base")
     meta_len, meta_z = _read_z(r, limit=MAX_META_BYTES, what="op table")
