@@ -164,3 +164,66 @@ def test_bundled_broker_and_guards(helm: Path) -> None:
     assert config["mqtt_host"] == "rel-edgefleet-mosquitto"
     refused = _run(helm, "template", "rel", str(CHART), "--set", "controller.replicas=2", ok=False)
     assert refused.returncode != 0 and "database.existingSecret" in refused.stderr
+
+
+def _config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(yaml.safe_load(_one(docs, "ConfigMap", "rel-edgefleet")["data"]["config.yaml"]))
+
+
+def _starts_with(config: dict[str, Any], tmp_path: Path) -> Any:
+    """What `edgefleet cluster --config` makes of the rendered ConfigMap (Settings)."""
+    from controller.cluster import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings, _opts = load_config(path, env={})
+    return settings
+
+
+def test_mqtt_tls_from_a_secret(helm: Path, tmp_path: Path) -> None:
+    # defaults (tls on, port 8883, no Secret): the image's CA bundle, and the config loads
+    config = _config(_render(helm))
+    assert (config["mqtt_tls"], config["mqtt_port"]) == (True, 8883)
+    assert config["mqtt_tls_ca"] == "/etc/ssl/certs/ca-certificates.crt"
+    assert "mqtt_tls_cert" not in config
+    assert _starts_with(config, tmp_path).mqtt_tls_ca == config["mqtt_tls_ca"]
+    pod = _one(_render(helm), "Deployment")["spec"]["template"]["spec"]
+    assert "mqtt-tls" not in {v["name"] for v in pod["volumes"]}
+
+    # CA + client certificate from a Secret: mounted read-only, the config points at it
+    docs = _render(helm, "mqtt.tlsSecret.name=edgefleet-mqtt-tls")
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    vol = next(v for v in pod["volumes"] if v["name"] == "mqtt-tls")
+    assert vol["secret"]["secretName"] == "edgefleet-mqtt-tls"
+    items = {i["path"]: i["key"] for i in vol["secret"]["items"]}
+    assert items == {"ca.crt": "ca.crt", "tls.crt": "tls.crt", "tls.key": "tls.key"}
+    (c,) = pod["containers"]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "mqtt-tls")
+    assert mount["readOnly"] is True
+    config = _config(docs)
+    for setting, file in (("mqtt_tls_ca", "ca.crt"), ("mqtt_tls_cert", "tls.crt"),
+                          ("mqtt_tls_key", "tls.key")):
+        assert config[setting] == f"{mount['mountPath']}/{file}", (setting, config)
+    settings = _starts_with(config, tmp_path)
+    assert (settings.mqtt_tls_ca, settings.mqtt_tls_key) == (config["mqtt_tls_ca"],
+                                                             config["mqtt_tls_key"])
+    assert "Secret" not in {d["kind"] for d in docs}  # referenced, never inlined
+
+    # CA only (other key names), no client certificate
+    docs = _render(helm, "mqtt.tlsSecret.name=broker-ca", "mqtt.tlsSecret.caKey=ca.pem",
+                   "mqtt.tlsSecret.certKey=", "mqtt.tlsSecret.keyKey=")
+    vol = next(v for v in _one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+               if v["name"] == "mqtt-tls")
+    assert vol["secret"]["items"] == [{"key": "ca.pem", "path": "ca.crt"}]
+    config = _config(docs)
+    assert config["mqtt_tls_ca"] == "/etc/edgefleet/mqtt-tls/ca.crt"
+    assert "mqtt_tls_cert" not in config and "mqtt_tls_key" not in config
+    _starts_with(config, tmp_path)
+
+    # plain TCP: no TLS settings, no mount; half a client certificate is refused at render
+    docs = _render(helm, "mqtt.tls=false", "mqtt.port=1883", "mqtt.tlsSecret.name=x")
+    assert _config(docs)["mqtt_tls"] is False and "mqtt_tls_ca" not in _config(docs)
+    assert "mqtt-tls" not in str(_one(docs, "Deployment"))
+    refused = _run(helm, "template", "rel", str(CHART), "--set", "mqtt.tlsSecret.name=x",
+                   "--set", "mqtt.tlsSecret.keyKey=", ok=False)
+    assert refused.returncode != 0 and "both certKey and keyKey" in refused.stderr

@@ -41,3 +41,19 @@ app.kubernetes.io/component: controller
 {{- .Values.mqtt.host -}}
 {{- end -}}
 {{- end -}}
+
+{{/* MQTT TLS: on for an external broker with mqtt.tls; the bundled trial broker is plain. */}}
+{{- define "edgefleet.mqttTls" -}}
+{{- if and .Values.mqtt.tls (not .Values.mqtt.bundled.enabled) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Client certificate from mqtt.tlsSecret: both keys or neither. */}}
+{{- define "edgefleet.mqttClientCert" -}}
+{{- $s := .Values.mqtt.tlsSecret -}}
+{{- if and (include "edgefleet.mqttTls" .) $s.name -}}
+{{- if and $s.certKey $s.keyKey -}}true
+{{- else if or $s.certKey $s.keyKey -}}
+{{- fail "mqtt.tlsSecret: set both certKey and keyKey (client certificate) or neither (CA only)" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
