@@ -41,7 +41,7 @@ test-agent-py310:
 	set -e; [ -x $(VENV310)/bin/python ] || $(PY310) -m venv $(VENV310); \
 	$(VENV310)/bin/pip install -q ".[agent]"; \
 	$(VENV310)/bin/python -c "import agent.app, agent.cli, agent.update.manager, agent.serve, agent.runtime.registry; print('agent imports on', __import__('sys').version.split()[0], 'with only the agent extra')"; \
-	$(VENV310)/bin/pip install -q pytest pytest-timeout onnx scikit-learn; \
+	$(VENV310)/bin/pip install -q pytest pytest-timeout pytest-asyncio onnx scikit-learn "tritonclient[http]" prometheus-client; \
 	$(VENV310)/bin/python -m pytest -q -p no:cacheprovider -m "not gpu and not rknn" $(AGENT_TESTS)
 
 AGENT_TESTS ?= tests/unit/test_runtime*.py tests/integration/test_agent_*.py tests/integration/test_attacks.py tests/integration/test_serve*.py
