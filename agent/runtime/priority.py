@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+#: GIL switch interval while a model loads (see run_at_lower_priority)
+LOAD_SWITCH_INTERVAL_S = 0.0005
 
 
 def _thread_ids() -> set[int]:
@@ -44,7 +46,22 @@ def run_at_lower_priority(fn: Callable[[], T], *, nice: int) -> T:
     ``LimitNICE``), ``fn`` runs at normal priority, so that serving threads never end up
     deprioritised. (Same thread on purpose: a separate loader thread allocates from its
     own malloc arena, which kept up to 3x the model size after the old engine was freed.)"""
-    if nice <= 0 or sys.platform != "linux" or not hasattr(os, "setpriority"):
+    if nice <= 0:
+        return fn()
+    # The loader's Python stretches (onnxruntime's session wrapper, warm-up inputs) keep the
+    # GIL until the interpreter's switch interval (5 ms by default) forces a hand-over; a
+    # request thread that wants the GIL meanwhile waits that long. A shorter interval while
+    # loading bounds that wait.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, LOAD_SWITCH_INTERVAL_S))
+    try:
+        return _reniced(fn, nice=nice)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _reniced(fn: Callable[[], T], *, nice: int) -> T:
+    if sys.platform != "linux" or not hasattr(os, "setpriority"):
         return fn()
     tid = threading.get_native_id()
     base = os.getpriority(os.PRIO_PROCESS, tid)
