@@ -26,8 +26,8 @@ from typing import Any
 import yaml
 
 from agent.config import AgentConfig, ConfigError, config_from_dict, config_to_dict
-from agent.update.atomic import atomic_write_bytes
 from protos import topics
+from protos.fsutil import write_atomic
 
 MAX_RESPONSE_BYTES = 1024 * 1024
 TIMEOUT_S = 30.0
@@ -141,8 +141,8 @@ def _root_b64(value: Any) -> str:
 def write_config(out: Path, data: dict[str, Any]) -> AgentConfig:
     """Validate ``data`` as an agent config and write it atomically to ``out``."""
     cfg = config_from_dict(data)
-    atomic_write_bytes(Path(out), yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
-    os.chmod(out, 0o644)
+    write_atomic(Path(out), yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode(),
+                 mode=0o644)
     return cfg
 
 
@@ -174,10 +174,9 @@ def enroll_online(*, controller_url: str, token: str, device_id: str, device_cla
         tls_dir = Path(data_dir).resolve() / "tls"
         tls_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(tls_dir, 0o700)
-        atomic_write_bytes(tls_dir / "device.key", ident.key_pem)   # mkstemp: mode 0600
-        os.chmod(tls_dir / "device.key", 0o600)
-        atomic_write_bytes(tls_dir / "device.pem", cert_pem)
-        atomic_write_bytes(tls_dir / "ca.pem", ca_pem)
+        write_atomic(tls_dir / "device.key", ident.key_pem, mode=0o600)
+        write_atomic(tls_dir / "device.pem", cert_pem, mode=0o600)
+        write_atomic(tls_dir / "ca.pem", ca_pem, mode=0o600)
         mqtt["tls"] = {"ca": str(tls_dir / "ca.pem"), "cert": str(tls_dir / "device.pem"),
                        "key": str(tls_dir / "device.key")}
     return write_config(out, {"device_id": device_id, "device_class": device_class,

@@ -12,9 +12,9 @@ import logging
 import threading
 from pathlib import Path
 
-from agent.update.atomic import atomic_write_bytes
 from protos import envelope
 from protos.errors import Rejected
+from protos.fsutil import write_atomic
 from protos.trust import TrustState
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class TrustStore:
         with self._lock:
             adopted = self.state.accept_key_list(env)
             if adopted:
-                atomic_write_bytes(self.path, data)
+                write_atomic(self.path, data, mode=0o600)
                 kl = self.state.key_list
                 log.info("trust: adopted key list v%d (%d keys, revoked %s)", kl.version,
                          len(kl.keys), list(kl.revoked_key_ids))

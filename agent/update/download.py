@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.update.atomic import READ_BLOCK_BYTES
 from agent.update.verify import VerifiedUpdate
 from protos.errors import Rejected
+from protos.fsutil import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +114,7 @@ class ChunkAssembler:
         m = self.vu.manifest
         assert self._fd is not None
         os.ftruncate(self._fd, m.payload_size)
-        h = hashlib.sha256()
-        with open(self.partial, "rb") as f:
-            while True:
-                block = f.read(READ_BLOCK_BYTES)
-                if not block:
-                    break
-                h.update(block)
-        if h.hexdigest() != m.payload_sha256:
+        if sha256_file(self.partial) != m.payload_sha256:
             raise Rejected("payload sha256 does not match the manifest",
                            reason="payload_hash_mismatch")
         return self.partial

@@ -9,13 +9,12 @@ Called by :mod:`agent.update.manager` in state PATCHING.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
-from agent.update.atomic import READ_BLOCK_BYTES, sha256_file
 from agent.update.verify import VerifiedUpdate
 from protos.errors import EdgefleetError, GiveUp, Rejected
+from protos.fsutil import copy_hashing, sha256_file
 
 CONTAINER_MAGIC = b"EFDL"  # protos.codecs.container.MAGIC
 
@@ -25,7 +24,7 @@ def build_target(vu: VerifiedUpdate, payload: Path, *, out: Path, base: Path | N
     m = vu.manifest
     if m.codec == "full" and not _is_container(payload):
         # the controller ships a full engine as the raw file (payload == target)
-        _copy_checked(payload, out, limit=m.target_size)
+        digest = _copy_checked(payload, out, limit=m.target_size)
     else:
         if base is None and m.codec != "full":
             raise Rejected(f"delta base {m.base_sha256[:12]} is not on this device",
@@ -45,11 +44,12 @@ def build_target(vu: VerifiedUpdate, payload: Path, *, out: Path, base: Path | N
             raise Rejected(f"{m.codec} delta does not apply: {e}", reason="patch_failed") from e
         with open(out, "rb+") as f:
             os.fsync(f.fileno())
+        digest = sha256_file(out)
     size = out.stat().st_size
     if size != m.target_size:
         raise Rejected(f"patched engine has {size} bytes, manifest says {m.target_size}",
                        reason="target_hash_mismatch")
-    if sha256_file(out) != m.target_sha256:
+    if digest != m.target_sha256:
         raise Rejected("patched engine sha256 does not match the manifest target_sha256",
                        reason="target_hash_mismatch")
 
@@ -60,19 +60,9 @@ def _is_container(payload: Path) -> bool:
         return f.read(len(CONTAINER_MAGIC)) == CONTAINER_MAGIC
 
 
-def _copy_checked(src: Path, dst: Path, *, limit: int) -> None:
-    h = hashlib.sha256()
-    written = 0
+def _copy_checked(src: Path, dst: Path, *, limit: int) -> str:
+    """Copy ``src`` to ``dst`` (fsynced), at most ``limit`` bytes; the hex sha256 copied."""
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while True:
-            block = fin.read(READ_BLOCK_BYTES)
-            if not block:
-                break
-            written += len(block)
-            if written > limit:
-                raise Rejected(f"payload exceeds declared target size {limit}",
-                               reason="target_hash_mismatch")
-            h.update(block)
-            fout.write(block)
-        fout.flush()
-        os.fsync(fout.fileno())
+        digest, _ = copy_hashing(fin, fout, max_bytes=limit, too_large=lambda: Rejected(
+            f"payload exceeds declared target size {limit}", reason="target_hash_mismatch"))
+    return digest

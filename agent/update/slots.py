@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.update.atomic import atomic_replace, atomic_write_bytes, sha256_file
 from agent.update.verify import VerifiedUpdate
 from protos.edgefleet.v1 import common_pb2
+from protos.fsutil import replace_durably, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class SlotStore:
         old = self.read_meta(key, slot)
         (d / "meta.json").unlink(missing_ok=True)  # the slot is no longer a valid base
         file = "engine" + ENGINE_SUFFIX.get(m.fingerprint.engine_kind, ".bin")
-        atomic_replace(built, d / file)
+        replace_durably(built, d / file)
         if old and old.file != file:
             (d / old.file).unlink(missing_ok=True)
         info = SlotInfo(
@@ -154,16 +154,17 @@ class SlotStore:
             fingerprint_b64=base64.b64encode(m.fingerprint.SerializeToString()).decode(),
             signature_b64=base64.b64encode(m.signature.SerializeToString()).decode(),
         )
-        atomic_write_bytes(d / "meta.json", json.dumps(asdict(info), sort_keys=True).encode())
+        write_atomic(d / "meta.json", json.dumps(asdict(info), sort_keys=True).encode(),
+                     mode=0o600)
         for stray in d.glob(".incoming-*.tmp"):
             stray.unlink(missing_ok=True)
         return info
 
     def commit(self, info: SlotInfo) -> None:
         """Make ``info.slot`` the active slot of its model (one atomic rename)."""
-        atomic_write_bytes(self.root / info.key / "active.json",
-                           json.dumps({"slot": info.slot, "version": info.version,
-                                       "sha256": info.sha256}).encode())
+        write_atomic(self.root / info.key / "active.json",
+                     json.dumps({"slot": info.slot, "version": info.version,
+                                 "sha256": info.sha256}).encode(), mode=0o600)
 
     def committed(self) -> list[SlotInfo]:
         """The active slot of every model (for startup and heartbeats)."""

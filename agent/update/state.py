@@ -21,8 +21,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from agent.update.atomic import atomic_write_bytes
 from protos.edgefleet.v1 import common_pb2
+from protos.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class StateStore:
 
     def save(self, ms: ModelUpdateState) -> None:
         data = json.dumps(ms.to_json(), sort_keys=True).encode()
-        atomic_write_bytes(self._path(ms.key), data)
+        write_atomic(self._path(ms.key), data, mode=0o600)
 
     def transition(self, ms: ModelUpdateState, state: UpdateState, *, reason: str = "",
                    action: str = "") -> UpdateRecord:

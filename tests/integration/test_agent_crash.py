@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.app import Agent
 from agent.config import config_from_dict
-from agent.update.atomic import sha256_file
 from protos.edgefleet.v1 import common_pb2 as C
+from protos.fsutil import sha256_file
 from tests.helpers.broker import Broker, free_port, mosquitto_path, start_mosquitto
 from tests.helpers.models import build_affine
 from tests.helpers.ota import (
