@@ -8,7 +8,6 @@ posts the documents to ``POST /api/v1/apply`` and prints one kubectl-style line 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -48,14 +47,6 @@ def _raise_for(resp: httpx.Response) -> None:
 
 def client(server: str) -> httpx.Client:
     return httpx.Client(base_url=server.rstrip("/"), timeout=TIMEOUT_S)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def push(c: httpx.Client, path: Path, *, kind: str = "model", name: str = "") -> dict[str, Any]:

@@ -33,6 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protos import topics
 from protos.errors import GiveUp, Rejected
+from protos.fsutil import write_atomic
 
 CONTROLLER_CN = "controller@edgefleet"
 CA_CN = "edgefleet fleet CA"
@@ -50,20 +51,6 @@ def check_device_id(device_id: str) -> None:
                        reason="bad_device_id")
     if device_id in RESERVED_IDS:
         raise Rejected(f"device id {device_id!r} is reserved", reason="bad_device_id")
-
-
-def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, chmod, replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -128,8 +115,8 @@ class CertificateAuthority:
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                                critical=False)
                 .sign(key, hashes.SHA256()))
-        _write_atomic(root / "ca.key", _key_pem(key), mode=0o600)
-        _write_atomic(root / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+        write_atomic(root / "ca.key", _key_pem(key), mode=0o600)
+        write_atomic(root / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
         return cls(root)
 
     @classmethod
@@ -225,10 +212,10 @@ class CertificateAuthority:
         out_dir = Path(out_dir)
         files = IssuedFiles(ca=out_dir / "ca.pem", cert=out_dir / f"{name}.pem",
                             key=out_dir / f"{name}.key")
-        _write_atomic(files.key, key_pem, mode=0o600)
-        _write_atomic(files.cert, cert_pem, mode=0o644)
+        write_atomic(files.key, key_pem, mode=0o600)
+        write_atomic(files.cert, cert_pem, mode=0o644)
         if files.ca.resolve() != self.ca_cert_path.resolve():
-            _write_atomic(files.ca, self.ca_cert_path.read_bytes(), mode=0o644)
+            write_atomic(files.ca, self.ca_cert_path.read_bytes(), mode=0o644)
         return files
 
     def device_files(self, device_id: str, out_dir: Path) -> IssuedFiles:

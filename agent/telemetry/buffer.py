@@ -15,13 +15,12 @@ older buffered messages go first, in order; a message that cannot be sent is buf
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from agent.telemetry.metrics import MetricsPublisher, TickResult
+from protos.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,8 @@ class OfflineBuffer:
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self.dropped = 0
-        for tmp in self.path.glob(".tmp-*"):  # leftovers of a kill during append
+        # leftovers of a kill during append (".tmp-*" from agents before protos.fsutil)
+        for tmp in [*self.path.glob(".*.tmp"), *self.path.glob(".tmp-*")]:
             tmp.unlink(missing_ok=True)
         self._records: list[tuple[int, int]] = []  # (seq, size), oldest first
         for f in self.path.glob(f"*{SUFFIX}"):
@@ -88,17 +88,7 @@ class OfflineBuffer:
             self._trim(len(record))
             seq = self._next
             self._next += 1
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.path)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(record)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self._file(seq))
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            _fsync_dir(self.path)
+            write_atomic(self._file(seq), record, mode=0o600)
             self._records.append((seq, len(record)))
             self._bytes += len(record)
         return True
@@ -131,16 +121,3 @@ class OfflineBuffer:
                     self._records.pop(0)
                     self._bytes -= size
                     self._file(seq).unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)

@@ -29,9 +29,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -57,6 +55,7 @@ from controller.store import ArtifactStore
 from protos import envelope, topics
 from protos.edgefleet.v1 import builder_pb2
 from protos.errors import EdgefleetError, GiveUp, Rejected, RetryLater
+from protos.fsutil import atomic_writer, sha256_file
 
 log = logging.getLogger("edgefleet.builder.dispatcher")
 
@@ -416,11 +415,7 @@ class BuildDispatcher:
         if r.engine_size != size or size > job.max_engine_bytes:
             raise Rejected(f"engine size {r.engine_size} does not match the {size} bytes "
                            "uploaded", reason="size_mismatch")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        if h.hexdigest() != r.engine_sha256:   # staged bytes changed on disk since upload
+        if sha256_file(path) != r.engine_sha256:   # staged bytes changed on disk since upload
             raise Rejected("staged engine no longer matches its sha256", reason="hash_mismatch")
         fp = fingerprint_dict(r.fingerprint)
         check_fingerprint(fp, device_class=job.device_class, facts=job.builder.facts,
@@ -474,28 +469,19 @@ class BuildDispatcher:
                 raise GiveUp("too many uploads for this job", reason="too_many_uploads")
         folder = self.staging / job_id
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".upload-")
-        tmp = Path(tmp_name)
+        dest = folder / sha256
         h, size = hashlib.sha256(), 0
-        try:
-            with os.fdopen(fd, "wb") as f:
-                async for block in stream:
-                    size += len(block)
-                    if size > job.max_engine_bytes:
-                        raise Rejected(f"engine upload over max_engine_bytes="
-                                       f"{job.max_engine_bytes}", reason="too_large")
-                    h.update(block)
-                    f.write(block)
-                f.flush()
-                os.fsync(f.fileno())
+        with atomic_writer(dest, mode=0o600) as f:   # dest appears only once it hashes right
+            async for block in stream:
+                size += len(block)
+                if size > job.max_engine_bytes:
+                    raise Rejected(f"engine upload over max_engine_bytes="
+                                   f"{job.max_engine_bytes}", reason="too_large")
+                h.update(block)
+                f.write(block)
             if h.hexdigest() != sha256:
                 raise Rejected(f"upload hashes to {h.hexdigest()}, not the declared {sha256}",
                                reason="hash_mismatch")
-            dest = folder / sha256
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         with self._lock:
             if job.job_id not in self._jobs:   # the job ended while we streamed
                 dest.unlink(missing_ok=True)

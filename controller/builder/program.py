@@ -25,13 +25,11 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import platform
 import queue
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -55,6 +53,7 @@ from controller.compile.worker import compile_in_subprocess
 from protos import envelope, topics, trust
 from protos.edgefleet.v1 import builder_pb2, common_pb2
 from protos.errors import BackendUnavailable, EdgefleetError, Rejected, RetryLater
+from protos.fsutil import atomic_writer
 
 log = logging.getLogger("edgefleet.builder")
 BUILDER_VERSION = "0.1"
@@ -209,10 +208,10 @@ class Builder:
 
     def _download(self, job_id: str, ref: builder_pb2.ArtifactRef, dest: Path) -> Path:
         url = f"{self.url}/api/v1/builds/{job_id}/inputs/{ref.sha256}"
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".dl-")
         h, size = hashlib.sha256(), 0
         try:
-            with os.fdopen(fd, "wb") as f, httpx.stream("GET", url, timeout=60) as resp:
+            with atomic_writer(dest, mode=0o600) as f, \
+                    httpx.stream("GET", url, timeout=60) as resp:
                 if resp.status_code != 200:
                     raise RetryLater(f"GET {url}: HTTP {resp.status_code}", reason="download")
                 for block in resp.iter_bytes(1 << 20):
@@ -222,16 +221,11 @@ class Builder:
                                        reason="size_mismatch")
                     h.update(block)
                     f.write(block)
-                f.flush()
-                os.fsync(f.fileno())
-            if size != ref.size or h.hexdigest() != ref.sha256:
-                raise Rejected(f"input {ref.sha256[:16]} arrived with another hash or size",
-                               reason="hash_mismatch")
-            os.replace(tmp, dest)
+                if size != ref.size or h.hexdigest() != ref.sha256:
+                    raise Rejected(f"input {ref.sha256[:16]} arrived with another hash or size",
+                                   reason="hash_mismatch")
         except httpx.HTTPError as e:
             raise RetryLater(f"GET {url}: {e}", reason="download") from e
-        finally:
-            Path(tmp).unlink(missing_ok=True)
         return dest
 
     def _build(self, job: builder_pb2.BuildJob, dc: DeviceClassSpec, work: Path) -> None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from controller.compile.deviceclass import DeviceClassSpec
 from protos import envelope
 from protos.edgefleet.v1 import builder_pb2, common_pb2, update_pb2
 from protos.errors import GiveUp, Rejected
+from protos.fsutil import write_atomic
 
 FP_FIELDS = ("engine_kind", "arch", "toolchain", "toolchain_version", "accelerator",
              "precision", "min_runtime_version")
@@ -116,29 +115,14 @@ def check_fingerprint(fp: dict[str, str], *, device_class: DeviceClassSpec,
 
 
 # -- identities ----------------------------------------------------------------------------------
-def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_or_create_identity(path: Path) -> Ed25519PrivateKey:
     """The builder's Ed25519 key (PEM at ``path``, 0600), created on first use."""
     path = Path(path)
     if not path.exists():
         key = Ed25519PrivateKey.generate()
-        _write_atomic(path, key.private_bytes(serialization.Encoding.PEM,
-                                              serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()), mode=0o600)
+        write_atomic(path, key.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()), mode=0o600)
         return key
     try:
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)

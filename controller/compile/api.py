@@ -39,6 +39,7 @@ from controller.compile.accuracy import (
 )
 from controller.compile.deviceclass import PRECISIONS, AccuracySpec, DeviceClassSpec
 from protos.errors import EdgefleetError, GiveUp, Rejected
+from protos.fsutil import sha256_file
 
 MAX_MODEL_BYTES = 2 * 1024 * 1024 * 1024 - 1  # protobuf limit for a single-file ONNX model
 
@@ -99,14 +100,6 @@ class CompileReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CompileReport:
         return cls(**d)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _key(obj: dict[str, Any]) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from controller.compile.deviceclass import (
     get_device_class,
 )
 from protos.errors import BackendUnavailable, EdgefleetError, Rejected
+from protos.fsutil import atomic_writer, write_atomic
 
 MAX_CLASS_FILE_BYTES = 1024 * 1024
 ENGINE_SUFFIX = {"onnxruntime-cpu": ".onnx", "tensorrt": ".engine", "rknn": ".rknn"}
@@ -94,14 +94,11 @@ def run_compile_command(argv: list[str]) -> int:
                                progress=None if args.quiet else err)
         suffix = ENGINE_SUFFIX.get(report.engine_kind, ".bin")
         engine = out / f"{args.model.stem}.{dc.name}.{report.precision}{suffix}"
-        tmp = engine.with_name(f".{engine.name}.tmp")
-        shutil.copyfile(report.engine_path, tmp)
-        os.replace(tmp, engine)
+        with open(report.engine_path, "rb") as src, atomic_writer(engine) as dst:
+            shutil.copyfileobj(src, dst)
         report.engine_path = str(engine)
         text = json.dumps(report.to_dict(), indent=2, sort_keys=True)
-        rep = out / f"{args.model.stem}.{dc.name}.report.json"
-        rep.with_name(f".{rep.name}.tmp").write_text(text + "\n")
-        os.replace(rep.with_name(f".{rep.name}.tmp"), rep)
+        write_atomic(out / f"{args.model.stem}.{dc.name}.report.json", (text + "\n").encode())
         shutil.rmtree(work, ignore_errors=True)
         print(text)
         return 0

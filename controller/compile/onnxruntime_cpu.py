@@ -17,7 +17,6 @@ Output bytes are deterministic for the same input and onnxruntime version.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 from controller.compile.accuracy import ValidationSet, run_onnx
 from controller.compile.api import BuildResult, Compiler, Progress
 from protos.errors import BackendUnavailable, Rejected
+from protos.fsutil import replace_durably
 
 try:  # guarded like every backend SDK (it is a core controller dependency in practice)
     import onnxruntime as ort
@@ -70,9 +70,7 @@ def _optimize_basic(src: Path, dst: Path) -> None:
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         tmp.unlink(missing_ok=True)
         raise Rejected(f"onnxruntime cannot load the model: {e}", reason="bad_model") from e
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+    replace_durably(tmp, dst)
 
 
 def measure_latency_ms(engine: Path, feed: dict[str, np.ndarray], *,

@@ -29,6 +29,7 @@ import numpy as np
 from controller.compile.accuracy import ValidationSet
 from controller.compile.api import BuildResult, Compiler, Progress
 from protos.errors import BackendUnavailable, Rejected
+from protos.fsutil import write_atomic
 
 try:
     import tensorrt as trt
@@ -62,15 +63,6 @@ def _ck(ret: Any) -> Any:
     if not vals:
         return None
     return vals[0] if len(vals) == 1 else tuple(vals)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _DeviceBuffers:
@@ -136,7 +128,7 @@ def _make_calibrator(samples: ValidationSet, *, batch: int, cache_file: Path) ->
             return cache_file.read_bytes() if cache_file.is_file() else None
 
         def write_calibration_cache(self, cache: Any) -> None:
-            _write_atomic(cache_file, bytes(cache))
+            write_atomic(cache_file, bytes(cache))
 
         def close(self) -> None:
             self._buf.close()
@@ -230,8 +222,8 @@ class TensorRTCompiler(Compiler):
             raise Rejected(f"TensorRT could not build a {precision} engine (see builder log)",
                            reason="compile_failed")
         engine_path = work_dir / f"engine-{precision}.plan"
-        _write_atomic(engine_path, bytes(serialized))
-        _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        write_atomic(engine_path, bytes(serialized))
+        write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
         outputs = latency = None
         if samples is not None:
             outputs, latency = self._run(bytes(serialized), samples, logger)

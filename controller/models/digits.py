@@ -21,14 +21,14 @@ Used by tests of every engineer (engines, OTA deltas, agents), bench/ and the CL
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from protos.fsutil import write_atomic
 
 OPSET = 17
 IR_VERSION = 8  # loadable by onnxruntime >= 1.14 on boards
@@ -89,25 +89,9 @@ def _train_head(feats: np.ndarray, y: np.ndarray, *, alpha: float) -> tuple[np.n
     return np.ascontiguousarray(sol[:-1].T, np.float32), sol[-1].astype(np.float32)
 
 
-def _write_atomic(out: Path, data: bytes) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
 def _save(model: onnx.ModelProto, out: Path) -> Path:
     onnx.checker.check_model(model)
-    return _write_atomic(out, model.SerializeToString(deterministic=True))
+    return write_atomic(out, model.SerializeToString(deterministic=True), mode=0o600)
 
 
 def _io() -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto]:
@@ -177,7 +161,7 @@ def build_validation_samples(out: Path, *, n: int = 200) -> Path:
     _, _, x_te, y_te = _split()
     buf = io.BytesIO()
     np.savez(buf, inputs=np.ascontiguousarray(x_te[:n]), labels=np.ascontiguousarray(y_te[:n]))
-    return _write_atomic(out, buf.getvalue())
+    return write_atomic(out, buf.getvalue(), mode=0o600)
 
 
 def build_quant_hostile(out: Path, *, seed: int = 0) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,27 +28,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from protos import envelope, trust
 from protos.edgefleet.v1 import update_pb2
 from protos.errors import GiveUp, Rejected
+from protos.fsutil import write_atomic
 
 DAY_MS = 24 * 3600 * 1000
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _pem(key: Ed25519PrivateKey) -> bytes:
@@ -98,10 +83,10 @@ class KeyStore:
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o700)
         root = Ed25519PrivateKey.generate()
-        _write_atomic(d / "root.key", _pem(root))
+        write_atomic(d / "root.key", _pem(root), mode=0o600)
         raw_pub = envelope.public_raw(root.public_key())
-        _write_atomic(d / "root.pub", base64.b64encode(raw_pub) + b"\n", mode=0o644)
-        _write_atomic(d / "state.json", json.dumps(KeyState().__dict__).encode())
+        write_atomic(d / "root.pub", base64.b64encode(raw_pub) + b"\n", mode=0o644)
+        write_atomic(d / "state.json", json.dumps(KeyState().__dict__).encode(), mode=0o600)
         ks = cls(d)
         ks._add_signing_key(signing_key_ttl_s)
         ks._publish_list(key_list_ttl_s)
@@ -174,7 +159,7 @@ class KeyStore:
     def _add_signing_key(self, ttl_s: int) -> str:
         key = Ed25519PrivateKey.generate()
         kid = envelope.key_id(key.public_key())
-        _write_atomic(self.dir / "signing" / f"{kid}.key", _pem(key))
+        write_atomic(self.dir / "signing" / f"{kid}.key", _pem(key), mode=0o600)
         os.chmod(self.dir / "signing", 0o700)
         self.state.keys.append({"key_id": kid, "expires_at_ms": _now_ms() + ttl_s * 1000})
         self.state.current = kid
@@ -191,5 +176,5 @@ class KeyStore:
         self.state.version += 1
         env = trust.make_key_list(root, pubs, version=self.state.version,
                                   revoked=self.state.revoked, expires_at_ms=now + ttl_s * 1000)
-        _write_atomic(self.dir / "keylist.bin", env.SerializeToString(deterministic=True))
-        _write_atomic(self.dir / "state.json", json.dumps(self.state.__dict__).encode())
+        write_atomic(self.dir / "keylist.bin", env.SerializeToString(deterministic=True), mode=0o600)
+        write_atomic(self.dir / "state.json", json.dumps(self.state.__dict__).encode(), mode=0o600)

@@ -8,7 +8,6 @@ reconciler (source models and compiled engines), the OTA planner (deltas) and th
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
@@ -21,21 +20,13 @@ from sqlalchemy.engine import Engine
 from controller.fleet.db import session_scope
 from controller.fleet.models import Artifact
 from protos.errors import Rejected
+from protos.fsutil import copy_hashing, fsync_dir
 
 HEX = set("0123456789abcdef")
-_BUF = 1024 * 1024
 
 
 def valid_sha256(value: str) -> bool:
     return len(value) == 64 and set(value) <= HEX
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BUF):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -119,29 +110,19 @@ class ArtifactStore:
 
     def _put_stream(self, stream: IO[bytes], *, kind: str, media_type: str,
                     meta: dict[str, Any] | None, limit: int) -> StoredArtifact:
-        h = hashlib.sha256()
-        size = 0
         fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp", prefix="put-")
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
-                while block := stream.read(_BUF):
-                    size += len(block)
-                    if size > limit:
-                        raise Rejected(f"artifact exceeds limit of {limit} bytes",
-                                       reason="too_large")
-                    h.update(block)
-                    out.write(block)
-                out.flush()
-                os.fsync(out.fileno())
-            digest = h.hexdigest()
+                digest, size = copy_hashing(stream, out, max_bytes=limit, too_large=lambda: Rejected(
+                    f"artifact exceeds limit of {limit} bytes", reason="too_large"))
             dest = self.path(digest)
             if dest.is_file() and dest.stat().st_size == size:
                 tmp.unlink()
             else:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, dest)  # same filesystem: root/tmp and root/sha256
-                _fsync_dir(dest.parent)
+                fsync_dir(dest.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -156,14 +137,3 @@ class ArtifactStore:
             if s.get(Artifact, digest) is None:
                 s.add(Artifact(sha256=digest, size=size, kind=kind, media_type=media_type,
                                created_ms=int(time.time() * 1000), meta=dict(meta or {})))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

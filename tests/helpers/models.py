@@ -10,7 +10,6 @@ into a registry in one call.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from protos.edgefleet.v1.common_pb2 import EngineFingerprint
+from protos.fsutil import sha256_file
 
 OPSET = 17
 
@@ -79,10 +79,6 @@ def build_mlp(out: Path, *, size_mb: float = 8.0, n_in: int = 64, marker: float 
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
         initializer=[w1, w2, b])
     return _save(graph, out)
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def fingerprint(**overrides: str) -> EngineFingerprint:
