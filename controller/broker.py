@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import getpass
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -38,6 +37,7 @@ from urllib.parse import urlparse
 
 from protos import topics
 from protos.errors import GiveUp
+from protos.fsutil import write_atomic
 
 log = logging.getLogger("edgefleet.broker")
 
@@ -120,6 +120,13 @@ def mosquitto_conf(*, host: str, port: int, data_dir: Path,
     return (
         f"listener {port} {host}\n"
         "allow_anonymous true\n"
+        + _storage_and_limits(data_dir=data_dir, max_packet_bytes=max_packet_bytes)
+    )
+
+
+def _storage_and_limits(*, data_dir: Path, max_packet_bytes: int) -> str:
+    """The config lines both listeners share: persistence, packet/queue limits, logging."""
+    return (
         "persistence true\n"
         f"persistence_location {data_dir}/\n"
         f"max_packet_size {max_packet_bytes}\n"
@@ -184,12 +191,7 @@ def mosquitto_tls_conf(*, host: str, port: int, data_dir: Path, tls: BrokerTls,
         "require_certificate true\n"
         "use_identity_as_username true\n"
         "tls_version tlsv1.2\n"
-        "persistence true\n"
-        f"persistence_location {data_dir}/\n"
-        f"max_packet_size {max_packet_bytes}\n"
-        "max_inflight_messages 100\n"
-        "max_queued_messages 10000\n"
-        "log_type error\nlog_type warning\nlog_type notice\n"
+        + _storage_and_limits(data_dir=data_dir, max_packet_bytes=max_packet_bytes)
     )
 
 
@@ -229,18 +231,16 @@ async def _start_mosquitto(exe: str, workdir: Path, *, host: str, port: int,
                            max_packet_bytes: int, tls: BrokerTls | None = None) -> BrokerHandle:
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
-    tmp = conf.with_suffix(".tmp")
     if tls is not None:
         acl = workdir / "acl"
-        acl_tmp = acl.with_suffix(".tmp")
-        acl_tmp.write_text(mosquitto_acl(controller_cn=tls.controller_cn, builders=tls.builders))
-        os.replace(acl_tmp, acl)
-        tmp.write_text(mosquitto_tls_conf(host=host, port=port, data_dir=workdir, tls=tls,
-                                          acl_path=acl, max_packet_bytes=max_packet_bytes))
+        write_atomic(acl, mosquitto_acl(controller_cn=tls.controller_cn,
+                                        builders=tls.builders).encode())
+        text = mosquitto_tls_conf(host=host, port=port, data_dir=workdir, tls=tls,
+                                  acl_path=acl, max_packet_bytes=max_packet_bytes)
     else:
-        tmp.write_text(mosquitto_conf(host=host, port=port, data_dir=workdir,
-                                      max_packet_bytes=max_packet_bytes))
-    os.replace(tmp, conf)
+        text = mosquitto_conf(host=host, port=port, data_dir=workdir,
+                              max_packet_bytes=max_packet_bytes)
+    write_atomic(conf, text.encode())
     log_path = workdir / "mosquitto.log"
     with log_path.open("ab") as out:
         proc = subprocess.Popen([exe, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
