@@ -243,9 +243,7 @@ class ClusterController:
         self.source: Any = None
         self.elector: Any = None
         self._clients: list[Any] = []
-        self._server: Any = None
-        self._server_task: asyncio.Task[None] | None = None
-        self._sock: socket.socket | None = None
+        self._api: Any = None            # controller.api.server.ApiServer once started
         self.api_port = 0
 
     def _kube_client(self) -> Any:
@@ -372,17 +370,12 @@ class ClusterController:
                  o.watch_namespace or "all namespaces")
 
     async def _start_api(self) -> None:
-        import uvicorn
-
         from controller.api.app import create_app
-        from controller.embedded import _bind, _QuietServer
+        from controller.api.server import ApiServer
 
-        self._sock = _bind(self.opts.listen_host, self.opts.listen_port)
-        self.api_port = int(self._sock.getsockname()[1])
-        config = uvicorn.Config(create_app(_ApiView(self)), log_level="warning",
-                                lifespan="off", access_log=False)
-        self._server = _QuietServer(config)
-        self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+        self._api = ApiServer(self.opts.listen_host, self.opts.listen_port)
+        self.api_port = self._api.port
+        await self._api.start(create_app(_ApiView(self)))
 
     async def stop(self) -> None:
         """Give up the Lease (a standby takes over at once), stop watching, stop the rest."""
@@ -390,14 +383,9 @@ class ClusterController:
             await asyncio.to_thread(self.elector.stop, release=True)
         if self.source is not None:
             await asyncio.to_thread(self.source.stop)
-        if self._server is not None and self._server_task is not None:
-            self._server.should_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server_task, 10)
-            self._server = self._server_task = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._api is not None:
+            await self._api.stop()
+            self._api = None
         if self.core is not None:
             await self.core.stop()
             self.core = None

@@ -23,14 +23,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
+from controller.api.server import ApiServer
 from controller.broker import BrokerHandle, start_broker
 
 log = logging.getLogger("edgefleet.embedded")
@@ -54,30 +51,6 @@ class EmbeddedOptions:
     settings_overrides: dict[str, Any] = field(default_factory=dict)
 
 
-class _QuietServer(uvicorn.Server):
-    """uvicorn server that leaves signal handling to the embedded runner."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        from protos.errors import GiveUp
-
-        raise GiveUp(f"cannot listen on {host}:{port} for the API/dashboard: {e} "
-                     "(use --port to pick another)", reason="port_busy") from e
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
-
-
 class EmbeddedController:
     """Broker + keys + ControllerCore + API server, started and stopped together."""
 
@@ -89,9 +62,7 @@ class EmbeddedController:
         self.keys: Any = None
         self.pki: Any = None             # controller.pki.CertificateAuthority when tls
         self.build_dispatcher: Any = None  # controller.builder.BuildDispatcher (builders_file)
-        self._server: _QuietServer | None = None
-        self._server_task: asyncio.Task[None] | None = None
-        self._sock: socket.socket | None = None
+        self._api: ApiServer | None = None
         self.api_port = 0
 
     @property
@@ -123,19 +94,12 @@ class EmbeddedController:
             self.keys = await asyncio.to_thread(KeyStore.load_or_init, keys_dir)
             self.core = ControllerCore(settings)
             await self.core.start()
-            self._sock = _bind(self.opts.api_host, self.opts.api_port)
-            self.api_port = int(self._sock.getsockname()[1])
+            self._api = ApiServer(self.opts.api_host, self.opts.api_port)
+            self.api_port = self._api.port
             app = create_app(self.core)
             if self.opts.builders_file is not None:
                 await self._start_builds(app, settings)
-            config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-            self._server = _QuietServer(config)
-            self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
-            while not self._server.started:
-                if self._server_task.done():
-                    self._server_task.result()
-                    raise RuntimeError("API server stopped during start")
-                await asyncio.sleep(0.02)
+            await self._api.start(app)
         except BaseException:
             await self.stop()
             raise
@@ -182,14 +146,9 @@ class EmbeddedController:
 
     async def stop(self) -> None:
         """Stop the API server, the core and the broker (each step even if one fails)."""
-        if self._server is not None and self._server_task is not None:
-            self._server.should_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server_task, 10)
-            self._server = self._server_task = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._api is not None:
+            await self._api.stop()
+            self._api = None
         if self.build_dispatcher is not None:
             try:
                 await self.build_dispatcher.stop()
