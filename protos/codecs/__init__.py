@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from protos.codecs.container import Header
-    from protos.codecs.core import CODECS, apply, make, read_delta_header
+    from protos.codecs.core import CODECS, apply, make, read_delta_header, verify
     from protos.codecs.planner import DeltaChoice, plan
 
-__all__ = ["CODECS", "DeltaChoice", "Header", "apply", "make", "plan", "read_delta_header"]
+__all__ = ["CODECS", "DeltaChoice", "Header", "apply", "make", "plan", "read_delta_header",
+           "verify"]
 
 _WHERE = {"Header": "container", "CODECS": "core", "apply": "core", "make": "core",
-          "read_delta_header": "core", "DeltaChoice": "planner", "plan": "planner"}
+          "read_delta_header": "core", "verify": "core", "DeltaChoice": "planner",
+          "plan": "planner"}
 
 
 def __getattr__(name: str) -> Any:

@@ -4,8 +4,9 @@ The byte formats are part of the wire contract (docs/deltas.md). ``apply`` is pu
 operations (zstandard, bsdiff4, numpy): no ``onnx`` import anywhere in this package. Every delta
 file carries a header with its codec name, the target size and sha256 and the base sha256, so
 it can be checked before a byte is written; output is written atomically and only after its
-sha256 matched. Called by controller.ota.planner (plan/make), agent.update (apply) and the
-``edgefleet delta`` CLI (:mod:`protos.codecs.cli`).
+sha256 matched; ``verify`` runs the same code into a sink that only hashes (the planner's
+check of a delta it made). Called by controller.ota.planner (plan/make), agent.update (apply)
+and the ``edgefleet delta`` CLI (:mod:`protos.codecs.cli`).
 """
 
 from __future__ import annotations
