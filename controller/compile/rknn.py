@@ -15,11 +15,8 @@ and its signature says so. RKNN builds are not byte-reproducible: cache by input
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import tempfile
-import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ import numpy as np
 
 from controller.compile.accuracy import TensorInfo, ValidationSet, model_signature
 from controller.compile.api import BuildResult, Compiler, Progress
+from controller.compile.childproc import run_json_child
 from protos.errors import BackendUnavailable, GiveUp, Rejected
 
 VENV_ENV = "EDGEFLEET_RKNN_VENV"
@@ -121,38 +119,16 @@ class RknnCompiler(Compiler):
 
     def _run_worker(self, req: dict[str, Any], *, work_dir: Path,
                     progress: Progress) -> dict[str, Any]:
-        with tempfile.TemporaryFile(dir=work_dir, prefix=".rknn-stderr.") as err:
-            # -I: isolated; above all, the script folder (which holds this rknn.py) is not on
-            # sys.path, so "import rknn" finds the toolkit
-            proc = subprocess.Popen([self._python, "-I", str(WORKER)], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
-            timer = threading.Timer(BUILD_TIMEOUT_S, proc.kill)
-            timer.start()
-            final: dict[str, Any] | None = None
-            try:
-                assert proc.stdin is not None and proc.stdout is not None
-                proc.stdin.write(json.dumps(req))
-                proc.stdin.close()
-                for line in proc.stdout:
-                    try:
-                        msg = json.loads(line)
-                    except ValueError:
-                        continue
-                    if "progress" in msg:
-                        progress(f"{req['precision']}: {msg['progress']}")
-                    else:
-                        final = msg
-                rc = proc.wait()
-            finally:
-                timer.cancel()
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            if final is None:
-                err.seek(0)
-                tail = err.read()[-_STDERR_TAIL:].decode(errors="replace").strip()
-                raise GiveUp(f"rknn worker exited with status {rc} and no result: {tail}",
-                             reason="compile_crashed")
+        # -I: isolated; above all, the script folder (which holds this rknn.py) is not on
+        # sys.path, so "import rknn" finds the toolkit
+        out = run_json_child([self._python, "-I", str(WORKER)], req, work_dir=work_dir,
+                             timeout_s=BUILD_TIMEOUT_S, stderr_prefix=".rknn-stderr.",
+                             stderr_tail_bytes=_STDERR_TAIL,
+                             on_progress=lambda p: progress(f"{req['precision']}: {p}"))
+        final = out.final
+        if final is None:
+            raise GiveUp(f"rknn worker exited with status {out.returncode} and no result: "
+                         f"{out.stderr_tail}", reason="compile_crashed")
         if "error" in final:
             raise Rejected(f"rknn-toolkit2 failed to build {req['precision']}: {final['error']}",
                            reason="compile_failed")

@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
 from controller.compile.api import AllPrecisionsRejected, CompileReport, Progress, compile_model
+from controller.compile.childproc import run_json_child
 from controller.compile.deviceclass import AccuracySpec, DeviceClassSpec
 from protos.errors import BackendUnavailable, EdgefleetError, GiveUp, Rejected, RetryLater
 
@@ -71,41 +69,16 @@ def compile_in_subprocess(model: Path, *, device_class: DeviceClassSpec, precisi
     req = _request(model, device_class=device_class, precisions=precisions,
                    validation=validation, accuracy=accuracy, work_dir=work_dir)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=work_dir, prefix=".worker-stderr.") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "controller.compile.worker"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                text=True, bufsize=1)
-        timer = threading.Timer(timeout_s, proc.kill)
-        timer.start()
-        result: dict[str, Any] | None = None
-        try:
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(json.dumps(req))
-            proc.stdin.close()
-            for line in proc.stdout:
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    continue
-                if "progress" in msg and progress is not None:
-                    progress(str(msg["progress"]))
-                elif "report" in msg or "error" in msg:
-                    result = msg
-            rc = proc.wait()
-        finally:
-            timed_out = not timer.is_alive() and result is None
-            timer.cancel()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if result is None:
-            err.seek(0)
-            tail = err.read()[-_STDERR_TAIL:].decode(errors="replace").strip()
-            if timed_out:
-                raise GiveUp(f"compile of {Path(model).name} for {device_class.name} timed out "
-                             f"after {timeout_s:g}s", reason="compile_timeout")
-            raise GiveUp(f"compile worker exited with status {rc} and no result: {tail}",
-                         reason="compile_crashed")
+    out = run_json_child([sys.executable, "-m", "controller.compile.worker"], req,
+                         work_dir=Path(work_dir), timeout_s=timeout_s, on_progress=progress,
+                         stderr_prefix=".worker-stderr.", stderr_tail_bytes=_STDERR_TAIL)
+    result = out.final
+    if result is None or not ("report" in result or "error" in result):
+        if out.timed_out:
+            raise GiveUp(f"compile of {Path(model).name} for {device_class.name} timed out "
+                         f"after {timeout_s:g}s", reason="compile_timeout")
+        raise GiveUp(f"compile worker exited with status {out.returncode} and no result: "
+                     f"{out.stderr_tail}", reason="compile_crashed")
     if "error" in result:
         raise _error_from_dict(result["error"])
     return CompileReport.from_dict(result["report"])
