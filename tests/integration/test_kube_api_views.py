@@ -7,7 +7,6 @@ Against the Kubernetes API emulator, a real SQLite database and the real FastAPI
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ from tests.helpers.kube_testkit import (
     StepReconciler,
     V,
     controller,
-    install_crds,
     model,
     wait_for,
 )
@@ -42,18 +40,6 @@ class _Core:
 
     def upload_artifact(self, *_a: Any, **_k: Any) -> str:
         raise AssertionError("not used")
-
-
-@pytest.fixture
-def kube() -> Iterator[RunningKube]:
-    k = RunningKube()
-    api = k.api_client()
-    install_crds(api)
-    api.close()
-    try:
-        yield k
-    finally:
-        k.close()
 
 
 def test_api_and_dashboard_read_the_watch_cache(kube: RunningKube, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ Lease expires; a leader that loses its Lease stops reconciling at once."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,33 +16,11 @@ from tests.helpers.kube_testkit import (
     cond,
     controller,
     get,
-    install_crds,
     model,
     wait_for,
 )
 
 pytest.importorskip("kubernetes")
-
-
-@pytest.fixture
-def kube() -> Iterator[RunningKube]:
-    k = RunningKube()
-    api = k.api_client()
-    install_crds(api)
-    api.close()
-    try:
-        yield k
-    finally:
-        k.close()
-
-
-@pytest.fixture
-def api(kube: RunningKube) -> Iterator[Any]:
-    from kubernetes import client
-
-    c = kube.api_client()
-    yield client.CustomObjectsApi(c)
-    c.close()
 
 
 def _ready(api: Any, name: str) -> Any:
