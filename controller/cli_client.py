@@ -82,17 +82,22 @@ def load_and_validate(path: Path) -> list[Any]:
 def upload_local_files(c: httpx.Client, loaded: list[Any], *, out: TextIO) -> None:
     """Upload every local ``path`` a document names and pin its sha256 in place of the path."""
     for ld in loaded:
-        for keys, kind in FILE_REFS.get(ld.kind, []):
-            ref = _walk(ld.doc, keys)
+        refs = [(".".join(keys), _walk(ld.doc, keys), kind)
+                for keys, kind in FILE_REFS.get(ld.kind, [])]
+        if ld.kind == "EdgeModel":  # lighter variants: spec.variants[i].source
+            variants = (ld.doc.get("spec") or {}).get("variants") or []
+            refs.extend((f"spec.variants[{i}].source", _walk(v, ("source",)), "model")
+                        for i, v in enumerate(variants) if isinstance(v, dict))
+        for where, ref, kind in refs:
             if not ref or not ref.get("path"):
                 continue
             local = ld.resolve(str(ref["path"]))
             if not local.is_file():
-                raise Rejected(f"{ld.source_file}: {ld.kind} {ld.name}: {'.'.join(keys)}.path: "
+                raise Rejected(f"{ld.source_file}: {ld.kind} {ld.name}: {where}.path: "
                                f"file {local} not found", reason="not_found")
             info = push(c, local, kind=kind, name=local.name)
             if ref.get("sha256") and ref["sha256"] != info["sha256"]:
-                raise Rejected(f"{ld.kind} {ld.name}: {'.'.join(keys)}.sha256 is {ref['sha256']} "
+                raise Rejected(f"{ld.kind} {ld.name}: {where}.sha256 is {ref['sha256']} "
                                f"but {local} hashes to {info['sha256']}", reason="hash_mismatch")
             ref["sha256"] = info["sha256"]
             del ref["path"]

@@ -8,8 +8,10 @@ two thresholds per signal (hysteresis) so the policy does not flap:
   registry's per-model concurrency drops to ``throttled_concurrency`` (extra requests queue)
   and health becomes ``throttled`` with the reason; back to NORMAL only when temperature
   <= ``recover_temp_c`` and CPU <= ``recover_cpu_percent``.
-* temperature >= ``light_variant_temp_c`` and a ``light`` variant installed -> the registry
-  serves the light variant; back to the main model at <= ``light_recover_temp_c``.
+* temperature >= ``light_variant_temp_c`` and the ``light_variant`` (default ``light``)
+  installed -> the registry serves that variant; back to the main model at
+  <= ``light_recover_temp_c``. A variant installed while hot is picked up at the next
+  evaluation.
 
 Every decision is logged and returned as a :class:`ThermalEvent`.
 """
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LIGHT_VARIANT = "light"
+DEFAULT_ZONES_ROOT = "/sys/class/thermal"
 
 
 class ThermalState(str, enum.Enum):
@@ -55,6 +58,11 @@ class ThermalConfig:
     light_variant_temp_c: float = 85.0
     light_recover_temp_c: float = 76.0
     zones: list[str] = field(default_factory=list)  # zone name substrings; [] = every zone
+    # where the thermal_zone*/temp files are ("" = /sys/class/thermal); tests point it at a
+    # fake sysfs folder
+    zones_root: str = ""
+    # the variant (EdgeModel spec.variants[].name) served while hot
+    light_variant: str = LIGHT_VARIANT
 
     def validate(self) -> None:
         if self.recover_temp_c > self.throttle_temp_c:
@@ -65,6 +73,8 @@ class ThermalConfig:
             raise ValueError("recover_cpu_percent must be <= throttle_cpu_percent")
         if self.throttled_concurrency < 1:
             raise ValueError("throttled_concurrency must be >= 1")
+        if not self.light_variant:
+            raise ValueError("light_variant must not be empty")
 
 
 @dataclass(frozen=True)
@@ -87,12 +97,13 @@ def _default_cpu() -> float | None:
 class ThermalPolicy:
     """Applies :class:`ThermalConfig` to the registry from temperature and CPU readings."""
 
-    def __init__(self, config: ThermalConfig, *, zones_root: Path = Path("/sys/class/thermal"),
+    def __init__(self, config: ThermalConfig, *, zones_root: Path | None = None,
                  registry: ModelRegistry | None = None,
                  cpu_percent: Callable[[], float | None] | None = None) -> None:
         config.validate()
         self.config = config
-        self.zones_root = Path(zones_root)
+        self.zones_root = Path(zones_root if zones_root is not None else
+                               (config.zones_root or DEFAULT_ZONES_ROOT))
         self.registry = registry
         self._cpu = cpu_percent or _default_cpu
         self.state = ThermalState.NORMAL
@@ -159,11 +170,12 @@ class ThermalPolicy:
                                     f"{cfg.normal_concurrency or 'unlimited'}")
             if self.registry is not None and temp is not None:
                 if not self.light_active and temp >= cfg.light_variant_temp_c \
-                        and self.registry.has_variant(LIGHT_VARIANT):
+                        and self.registry.has_variant(cfg.light_variant):
                     self.light_active = True
-                    self.registry.set_preferred_variant(LIGHT_VARIANT)
+                    self.registry.set_preferred_variant(cfg.light_variant)
                     emit("light_variant_on", f"temperature {temp:.1f}C >= "
-                                             f"{cfg.light_variant_temp_c:.1f}C ({zone})")
+                                             f"{cfg.light_variant_temp_c:.1f}C ({zone}); "
+                                             f"serving variant {cfg.light_variant!r}")
                 elif self.light_active and temp <= cfg.light_recover_temp_c:
                     self.light_active = False
                     self.registry.set_preferred_variant("")

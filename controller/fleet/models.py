@@ -147,6 +147,8 @@ class DeviceRollout(SQLModel, table=True):
     chunk_size: int = Field(default=0, sa_type=BigInteger)
     # spec.maxBytesPerSecond when offered (0 = no per-rollout cap), for a restarted publisher
     max_bytes_per_second: int = Field(default=0, sa_type=BigInteger)
+    # "" = the main engine; else the EdgeModel spec.variants[].name this row ships
+    variant: str = ""
 
 
 class DeviceDesired(SQLModel, table=True):

@@ -35,10 +35,13 @@ def chunk_hashes(path: Path, chunk_size: int) -> list[bytes]:
 
 
 def make_update_id(rollout: str, device_id: str, version: int, payload_sha256: str,
-                   chunk_size: int = 0) -> str:
-    """Stable id of (rollout, device, version, payload, chunk size): re-planning gives the
-    same id, and a changed chunk size (different chunk hashes) a new one."""
+                   chunk_size: int = 0, *, variant: str = "") -> str:
+    """Stable id of (rollout, device, version, payload, chunk size, variant): re-planning
+    gives the same id, a changed chunk size (different chunk hashes) a new one, and a
+    variant never shares an id with the main engine (even with the same engine bytes)."""
     text = f"{rollout}\n{device_id}\n{version}\n{payload_sha256}"
+    if variant:
+        text += f"\nvariant={variant}"
     h = hashlib.sha256((text + (f"\n{chunk_size}" if chunk_size else "")).encode())
     return f"u-{h.hexdigest()[:24]}"
 

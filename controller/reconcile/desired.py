@@ -52,10 +52,12 @@ def note_offer(db: DbEngine, device_id: str, update_id: str) -> None:
 
 
 def desired_models(rows: Iterable[DeviceRollout]) -> list[dict[str, Any]]:
-    """Per model name, the highest version offered and not failed; sorted by name."""
+    """Per model name, the highest version offered and not failed; sorted by name. Variant
+    rows (lighter engines shipped beside the main one) are not listed: DesiredModel names
+    the main engine."""
     best: dict[str, DeviceRollout] = {}
     for r in rows:
-        if r.state in NOT_DESIRED or not r.update_id or not r.model_name:
+        if r.state in NOT_DESIRED or not r.update_id or not r.model_name or r.variant:
             continue
         cur = best.get(r.model_name)
         if cur is None or (r.version, r.updated_ms) > (cur.version, cur.updated_ms):

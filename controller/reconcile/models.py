@@ -6,7 +6,9 @@ store, and for each target compiles with controller.compile.api.compile_model in
 executor (a worker process by default, never on the event loop) unless an Engine row with
 the same key already exists; stores the engine and records the Engine row. Returns the
 status dict (phase, observedGeneration, sourceSha256, compiledClasses, engines,
-conditions Compiled/Ready/Degraded). A broken model fails only its own resource, with the
+variants, conditions Compiled/Ready/Degraded). Each of ``spec.variants`` is compiled the same
+way per target (``status.variants[].engines``); a variant that fails to compile only sets
+Degraded. A broken model fails only its own resource, with the
 compiler's message. Failures are remembered per key so a resync does not recompile.
 """
 
@@ -135,6 +137,57 @@ async def reconcile_model(resource: dict[str, Any], ctx: ModelContext) -> dict[s
             sourceSha256=src)
     accuracy = spec.get("accuracy")
     targets = spec.get("targets") or []
+
+    def compiling(todo: str, have: list[dict[str, Any]]) -> None:
+        if ctx.report is not None:
+            ctx.report(done(ResourcePhase.COMPILING.value, have, [
+                condition(prev, "Compiled", False, "Compiling", f"compiling for {todo}",
+                          generation=gen, now_ms=now)], sourceSha256=src))
+
+    engines, failures = await _compile_targets(ctx, name, src, targets, val_sha=val_sha,
+                                               accuracy=accuracy, report=compiling)
+    variants, variant_failures = await _compile_variants(ctx, name, spec, targets,
+                                                         val_sha=val_sha, accuracy=accuracy)
+
+    n_t = len(targets)
+    summary = f"{len(engines)}/{n_t}"
+    fail_msg = "; ".join(f"{f['deviceClass']}: {f['message']}" for f in failures)
+    var_msg = "; ".join(f"variant {f['variant']} {f['deviceClass']}: {f['message']}"
+                        for f in variant_failures)
+    now = ctx.now_ms()
+    if not engines:
+        phase = ResourcePhase.FAILED.value
+        conds = [
+            condition(prev, "Compiled", False, "CompileFailed", fail_msg, generation=gen,
+                      now_ms=now),
+            condition(prev, "Ready", False, "CompileFailed", fail_msg, generation=gen,
+                      now_ms=now),
+            condition(prev, "Degraded", True, "CompileFailed", fail_msg, generation=gen,
+                      now_ms=now)]
+    else:
+        phase = ResourcePhase.READY.value
+        conds = [
+            condition(prev, "Compiled", not failures,
+                      "AllCompiled" if not failures else "SomeFailed",
+                      f"engines for {summary} device classes", generation=gen, now_ms=now),
+            condition(prev, "Ready", True, "EnginesAvailable",
+                      f"engines for {summary} device classes", generation=gen, now_ms=now),
+            condition(prev, "Degraded", bool(failures or variant_failures),
+                      "CompileFailed" if failures else (
+                          "VariantCompileFailed" if variant_failures else "AsExpected"),
+                      "; ".join(m for m in (fail_msg, var_msg) if m),
+                      generation=gen, now_ms=now)]
+    return done(phase, engines, conds, sourceSha256=src, compiledClasses=summary,
+                failures=failures, version=int(spec.get("version") or 0),
+                variants=variants)
+
+
+async def _compile_targets(
+        ctx: ModelContext, name: str, src: str, targets: list[dict[str, Any]], *,
+        val_sha: str | None, accuracy: dict[str, Any] | None,
+        report: Callable[[str, list[dict[str, Any]]], None] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Engines (existing or compiled now) and failures of source ``src`` for ``targets``."""
     engines: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     todo: list[tuple[str, dict[str, Any], list[str], str]] = []
@@ -155,11 +208,8 @@ async def reconcile_model(resource: dict[str, Any], ctx: ModelContext) -> dict[s
         else:
             todo.append((cls_name, dc, precisions, key))
 
-    if todo and ctx.report is not None:
-        ctx.report(done(ResourcePhase.COMPILING.value, engines, [
-            condition(prev, "Compiled", False, "Compiling",
-                      f"compiling for {', '.join(c for c, *_ in todo)}",
-                      generation=gen, now_ms=now)], sourceSha256=src))
+    if todo and report is not None:
+        report(", ".join(c for c, *_ in todo), list(engines))
     for cls_name, dc, precisions, key in todo:
         entry, err = await _compile_one(ctx, name, src, cls_name, dc, precisions, val_sha,
                                         accuracy, key)
@@ -169,33 +219,34 @@ async def reconcile_model(resource: dict[str, Any], ctx: ModelContext) -> dict[s
             if not isinstance(err, _Transient):
                 ctx.failures[key] = err
             failures.append({"deviceClass": cls_name, "message": err})
+    return engines, failures
 
-    n_t = len(targets)
-    summary = f"{len(engines)}/{n_t}"
-    fail_msg = "; ".join(f"{f['deviceClass']}: {f['message']}" for f in failures)
-    now = ctx.now_ms()
-    if not engines:
-        phase = ResourcePhase.FAILED.value
-        conds = [
-            condition(prev, "Compiled", False, "CompileFailed", fail_msg, generation=gen,
-                      now_ms=now),
-            condition(prev, "Ready", False, "CompileFailed", fail_msg, generation=gen,
-                      now_ms=now),
-            condition(prev, "Degraded", True, "CompileFailed", fail_msg, generation=gen,
-                      now_ms=now)]
-    else:
-        phase = ResourcePhase.READY.value
-        conds = [
-            condition(prev, "Compiled", not failures,
-                      "AllCompiled" if not failures else "SomeFailed",
-                      f"engines for {summary} device classes", generation=gen, now_ms=now),
-            condition(prev, "Ready", True, "EnginesAvailable",
-                      f"engines for {summary} device classes", generation=gen, now_ms=now),
-            condition(prev, "Degraded", bool(failures),
-                      "CompileFailed" if failures else "AsExpected", fail_msg,
-                      generation=gen, now_ms=now)]
-    return done(phase, engines, conds, sourceSha256=src, compiledClasses=summary,
-                failures=failures, version=int(spec.get("version") or 0))
+
+async def _compile_variants(
+        ctx: ModelContext, name: str, spec: dict[str, Any], targets: list[dict[str, Any]], *,
+        val_sha: str | None, accuracy: dict[str, Any] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """``spec.variants`` compiled like the main model (same targets, precisions, validation
+    samples and accuracy gate): status entries ``{name, sourceSha256, engines, failures}``
+    and the failures, each naming its variant. A variant never fails the model."""
+    out: list[dict[str, Any]] = []
+    all_failures: list[dict[str, str]] = []
+    for v in spec.get("variants") or []:
+        vname = str(v.get("name", ""))
+        vsrc = str((v.get("source") or {}).get("sha256") or "")
+        if not vsrc or not ctx.store.has(vsrc):
+            msg = (f"source artifact {vsrc} is not in the store" if vsrc else
+                   "source.sha256 is not set (edgefleet apply uploads source.path)")
+            fails = [{"deviceClass": str(t.get("deviceClass", "")), "message": msg}
+                     for t in targets]
+            engines: list[dict[str, Any]] = []
+        else:
+            engines, fails = await _compile_targets(ctx, f"{name}.{vname}", vsrc, targets,
+                                                    val_sha=val_sha, accuracy=accuracy)
+        out.append({"name": vname, "sourceSha256": vsrc, "engines": engines,
+                    "failures": fails})
+        all_failures.extend({**f, "variant": vname} for f in fails)
+    return out, all_failures
 
 
 def _find_engine(ctx: ModelContext, src: str, cls_name: str, key: str) -> Engine | None:

@@ -12,12 +12,19 @@ and a restart resumes where it stood without offering a device twice:
    controller.ota.planner, manifest by controller.ota.offers, signed, published retained by
    controller.ota.publisher); a wave passes its health gate when minSuccessPercent of its
    devices committed, at most maxFailed failed, and soakSeconds passed since its last
-   commit; a gate that can no longer pass fails the rollout and stops it.
+   commit; a gate that can no longer pass fails the rollout and stops it;
+4. lighter variants (EdgeModel ``spec.variants``, compiled per class in
+   ``status.variants``): once a device committed the main engine, each variant with an
+   engine for its class is offered to it as its own update (manifest ``variant`` set, the
+   model's version, its own DeviceRollout row with ``variant``), one update in flight per
+   device at a time because a device has one retained offer topic. Variants do not take
+   part in the health gates; the rollout is Complete once they are finished too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -47,6 +54,7 @@ from protos.errors import RetryLater
 
 log = logging.getLogger(__name__)
 FAILED_STATES = {DeviceRolloutState.FAILED, DeviceRolloutState.ROLLED_BACK}
+FINISHED_STATES = FAILED_STATES | {DeviceRolloutState.COMMITTED}
 
 
 @dataclass
@@ -72,9 +80,13 @@ def chunk_size_for(spec: dict[str, Any], settings: Settings) -> int:
     return max(1, min(want, settings.chunk_size_bytes, settings.MAX_CHUNK_SIZE_BYTES))
 
 
-def _served_sha(device: Device, model_name: str) -> str:
+def _served_sha(device: Device, model_name: str, variant: str = "") -> str:
+    """sha256 of the engine the device has loaded for (model, variant); "" when none.
+
+    ``active`` is not required: while the thermal policy serves a variant, the main engine
+    is loaded but not active, and it is still what the device has installed."""
     for m in device.models or []:
-        if m.get("name") == model_name and m.get("active") and not m.get("variant"):
+        if m.get("name") == model_name and str(m.get("variant") or "") == variant:
             return str(m.get("sha256") or "")
     return ""
 
@@ -151,7 +163,8 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
     bounds = wave_bounds(waves, len(targets))
     with session_scope(ctx.db) as s:
         rows = {r.device_id: r for r in s.exec(select(DeviceRollout).where(
-            DeviceRollout.rollout == key, DeviceRollout.version == version)).all()}
+            DeviceRollout.rollout == key, DeviceRollout.version == version,
+            DeviceRollout.variant == "")).all()}
         current = _first_open_wave(rows, waves, now) if rows else 0
         for pos, dev_id in enumerate(targets):
             if dev_id in rows:
@@ -195,15 +208,24 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
             message = f"wave {current_wave}: {why}"
         blocked = True
         break
+    # 4. lighter variants, for the devices that committed the main engine
+    vrows = await _sync_variants(ctx, rows, devices, _variant_engines(mstatus), offer,
+                                 paused=paused)
     if not blocked:
         current_wave = str(waves[-1].get("name", "")) if waves else ""
         message = f"all {len(rows)} devices updated"
+        open_v = sorted({r.device_id for r in vrows if r.state not in FINISHED_STATES})
+        if open_v:
+            phase = ResourcePhase.PAUSED.value if paused else ResourcePhase.PROGRESSING.value
+            message = (f"all {len(rows)} devices updated; variants in progress on "
+                       f"{', '.join(open_v[:5])}{' ...' if len(open_v) > 5 else ''}")
 
     # retained per-device state: DesiredState when it changed, finished offers cleared
     await sync_devices(db=ctx.db, keys=ctx.keys, publisher=ctx.publisher,
                        device_ids=rows.keys(), now_ms=ctx.now_ms())
     return _status(rows, waves, gen=gen, prev=prev, now=now, phase=phase, message=message,
-                   current_wave=current_wave, version=version, unsupported=unsupported)
+                   current_wave=current_wave, version=version, unsupported=unsupported,
+                   variant_rows=vrows)
 
 
 def _first_open_wave(rows: dict[str, DeviceRollout], waves: list[dict[str, Any]],
@@ -252,6 +274,7 @@ class _OfferParams:
     model_name: str
     chunk_size: int
     max_bytes_per_second: int
+    variant: str = ""          # "" = the main engine
 
 
 async def _offer_pending(ctx: RolloutContext, rows: list[DeviceRollout],
@@ -268,7 +291,7 @@ async def _offer_pending(ctx: RolloutContext, rows: list[DeviceRollout],
         dev = devices.get(row.device_id)
         if dev is None:
             continue            # no longer selected: leave it pending
-        served = _served_sha(dev, p.model_name)
+        served = _served_sha(dev, p.model_name, p.variant)
         if served == row.target_sha256:
             _save(ctx, row, state=DeviceRolloutState.COMMITTED, reason="already serving target")
             continue
@@ -296,13 +319,13 @@ async def _offer_one(ctx: RolloutContext, row: DeviceRollout, dev: Device,
                                       target_sha256=target)
     chunk = p.chunk_size
     update_id = offers.make_update_id(p.key, dev.device_id, p.version, payload.sha256,
-                                      chunk)
+                                      chunk, variant=p.variant)
     manifest = await asyncio.to_thread(
         offers.build_manifest, update_id=update_id, device_id=dev.device_id,
         device_class=dev.device_class, model_name=p.model_name, version=p.version,
         target_sha256=target, target_size=ctx.planner.store.size(target), payload=payload,
         chunk_size=chunk, ttl_s=ctx.settings.offer_ttl_s, fingerprint=fp, signature=sig,
-        rollout=p.key)
+        rollout=p.key, variant=p.variant)
     env = ctx.keys.sign(manifest)
     info = OfferInfo(update_id, dev.device_id, payload.path, payload.size, chunk,
                      rollout=p.key, max_bytes_per_second=p.max_bytes_per_second)
@@ -313,8 +336,67 @@ async def _offer_one(ctx: RolloutContext, row: DeviceRollout, dev: Device,
     await ctx.publisher.publish_offer(dev.device_id, env, info)
     note_offer(ctx.db, dev.device_id, update_id)
     _save(ctx, row, state=DeviceRolloutState.OFFERED, reason="", offered_ms=ctx.now_ms())
-    log.info("offered %s v%d to %s: %s %d bytes, %d-byte chunks (update %s)", p.model_name,
-             p.version, dev.device_id, payload.codec, payload.size, chunk, update_id)
+    log.info("offered %s%s v%d to %s: %s %d bytes, %d-byte chunks (update %s)", p.model_name,
+             f" variant {p.variant}" if p.variant else "", p.version, dev.device_id,
+             payload.codec, payload.size, chunk, update_id)
+
+
+def _variant_engines(mstatus: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{variant name: {device class: engine entry}} from the EdgeModel status."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for v in mstatus.get("variants") or []:
+        engines = {e["deviceClass"]: e for e in v.get("engines") or [] if e.get("sha256")}
+        if v.get("name") and engines:
+            out[str(v["name"])] = engines
+    return out
+
+
+IN_FLIGHT_STATES = {DeviceRolloutState.OFFERED, DeviceRolloutState.DOWNLOADING,
+                    DeviceRolloutState.VERIFYING, DeviceRolloutState.PATCHING,
+                    DeviceRolloutState.STAGED, DeviceRolloutState.ACTIVATING}
+
+
+async def _sync_variants(ctx: RolloutContext, rows: dict[str, DeviceRollout],
+                         devices: dict[str, Device],
+                         variant_engines: dict[str, dict[str, dict[str, Any]]],
+                         p: _OfferParams, *, paused: bool) -> list[DeviceRollout]:
+    """Create and offer the variant rows of devices that committed the main engine; returns
+    every variant row of this rollout version."""
+    now = ctx.now_ms()
+    with session_scope(ctx.db) as s:
+        have = {(r.device_id, r.variant): r for r in s.exec(select(DeviceRollout).where(
+            DeviceRollout.rollout == p.key, DeviceRollout.version == p.version,
+            DeviceRollout.variant != "")).all()}
+        for dev_id, main in rows.items():
+            dev = devices.get(dev_id)
+            if main.state != DeviceRolloutState.COMMITTED or dev is None:
+                continue
+            for vname, engines in sorted(variant_engines.items()):
+                eng = engines.get(dev.device_class)
+                if eng is None or (dev_id, vname) in have:
+                    continue
+                row = DeviceRollout(rollout=p.key, device_id=dev_id, model_name=p.model_name,
+                                    variant=vname, wave=main.wave, version=p.version,
+                                    target_sha256=str(eng["sha256"]), updated_ms=now)
+                s.add(row)
+                have[(dev_id, vname)] = row
+    if paused:
+        return list(have.values())
+    by_dev: dict[str, list[DeviceRollout]] = {}
+    for (dev_id, _v), row in sorted(have.items()):
+        by_dev.setdefault(dev_id, []).append(row)
+    for dev_id, vrows in by_dev.items():
+        dev = devices.get(dev_id)
+        if dev is None:
+            continue
+        # one update in flight per device: the device has one retained offer topic
+        busy = [r for r in vrows if r.state in IN_FLIGHT_STATES]
+        todo = busy or [r for r in vrows if r.state == DeviceRolloutState.PENDING][:1]
+        for row in todo:
+            engines = variant_engines.get(row.variant, {})
+            await _offer_pending(ctx, [row], devices, engines,
+                                 dataclasses.replace(p, variant=row.variant))
+    return list(have.values())
 
 
 def _save(ctx: RolloutContext, row: DeviceRollout, **changes: Any) -> None:
@@ -334,19 +416,30 @@ def _save(ctx: RolloutContext, row: DeviceRollout, **changes: Any) -> None:
     row.updated_ms = fresh.updated_ms
 
 
+def _state_text(r: DeviceRollout) -> str:
+    return str(r.state.value if hasattr(r.state, "value") else r.state)
+
+
 def _status(rows: dict[str, DeviceRollout], waves: list[dict[str, Any]], *, gen: int,
             prev: dict[str, Any], now: int, phase: str, message: str, current_wave: str,
-            version: int, unsupported: list[str]) -> dict[str, Any]:
+            version: int, unsupported: list[str],
+            variant_rows: list[DeviceRollout] | None = None) -> dict[str, Any]:
     vals = list(rows.values())
+    vrows = sorted(variant_rows or [], key=lambda r: (r.device_id, r.variant))
     updated = sum(r.state == DeviceRolloutState.COMMITTED for r in vals)
     failed = sum(r.state in FAILED_STATES for r in vals)
-    devices = {r.device_id: {"state": r.state.value if hasattr(r.state, "value") else r.state,
+    devices: dict[str, dict[str, Any]] = {r.device_id: {"state": r.state.value if hasattr(r.state, "value") else r.state,
                              "wave": str(waves[r.wave].get("name", r.wave))
                              if r.wave < len(waves) else str(r.wave),
                              "reason": r.reason, "bytesSent": r.bytes_sent,
                              "codec": r.codec, "payloadSize": r.payload_size,
                              "updateId": r.update_id}
                for r in sorted(vals, key=lambda r: r.device_id)}
+    for r in vrows:
+        if r.device_id in devices:
+            devices[r.device_id].setdefault("variants", {})[r.variant] = {
+                "state": _state_text(r), "reason": r.reason, "bytesSent": r.bytes_sent,
+                "codec": r.codec, "payloadSize": r.payload_size, "updateId": r.update_id}
     wave_status = []
     for wi, w in enumerate(waves):
         wr = [r for r in vals if r.wave == wi]
@@ -369,6 +462,10 @@ def _status(rows: dict[str, DeviceRollout], waves: list[dict[str, Any]], *, gen:
     ]
     return {"observedGeneration": gen, "phase": phase, "version": version,
             "currentWave": current_wave, "targeted": len(vals), "updated": updated,
-            "failed": failed, "bytesSent": sum(r.bytes_sent for r in vals),
+            "failed": failed, "bytesSent": sum(r.bytes_sent for r in [*vals, *vrows]),
+            "variants": {
+                "targeted": len(vrows),
+                "updated": sum(r.state == DeviceRolloutState.COMMITTED for r in vrows),
+                "failed": sum(r.state in FAILED_STATES for r in vrows)},
             "devices": devices, "waves": wave_status, "unsupported": unsupported,
             "message": message, "conditions": conds}
