@@ -248,6 +248,7 @@ def _device_rollout_view(r: DeviceRollout) -> dict[str, Any]:
         "codec": r.codec, "payload_size": r.payload_size, "bytes_sent": r.bytes_sent,
         "bytes_received": r.bytes_received, "base_sha256": r.base_sha256,
         "target_sha256": r.target_sha256, "offered_ms": r.offered_ms, "updated_ms": r.updated_ms,
+        "variant": r.variant,
     }
 
 
@@ -256,7 +257,9 @@ def _rollout_view(s: Session, view: dict[str, Any], *, full: bool) -> dict[str, 
     key = f"{view['namespace']}/{view['name']}"
     rows = s.exec(select(DeviceRollout).where(DeviceRollout.rollout == key)
                   .order_by(col(DeviceRollout.wave), col(DeviceRollout.device_id))).all()
-    states = [_device_rollout_view(x) for x in rows]
+    every = [_device_rollout_view(x) for x in rows]
+    # lighter variants ride along per device (their own rows); the counts are per device
+    states = [x for x in every if not x["variant"]]
     done = sum(1 for x in states if x["state"] == DeviceRolloutState.COMMITTED.value)
     failed = sum(1 for x in states if x["state"] in (DeviceRolloutState.FAILED.value,
                                                      DeviceRolloutState.ROLLED_BACK.value))
@@ -267,11 +270,12 @@ def _rollout_view(s: Session, view: dict[str, Any], *, full: bool) -> dict[str, 
         if isinstance(spec.get("modelRef"), dict) else spec.get("model", ""),
         "devices_total": len(states), "devices_committed": done, "devices_failed": failed,
         "progress": f"{done}/{len(states)}", "wave": status.get("currentWave", status.get("wave")),
-        "bytes_sent_total": sum(x["bytes_sent"] for x in states),
+        "bytes_sent_total": sum(x["bytes_sent"] for x in every),
         "message": status_message(status),
     })
     if full:
         view["devices"] = states
+        view["variants"] = [x for x in every if x["variant"]]
     return view
 
 

@@ -112,6 +112,12 @@ async def test_rollout_ships_light_variant_and_thermal_switches(mosquitto: Broke
         assert dev["variants"]["light"]["state"] == "committed"
         assert dev["variants"]["light"]["updateId"] != dev["updateId"]
         assert status["variants"] == {"targeted": 1, "updated": 1, "failed": 0}
+        ro = await fleet.get("/api/v1/rollouts/default/digits")
+        assert ro["devices_total"] == ro["devices_committed"] == 1
+        [vrow] = ro["variants"]
+        assert vrow["variant"] == "light" and vrow["state"] == "committed"
+        assert vrow["target_sha256"] == v_engine["sha256"] and vrow["bytes_sent"] > 0
+        assert ro["bytes_sent_total"] == ro["devices"][0]["bytes_sent"] + vrow["bytes_sent"]
 
         # cool: the main model answers
         assert await _answer(agent.serve_url, x, want_main, want_light) == "main"
@@ -146,6 +152,39 @@ async def test_rollout_ships_light_variant_and_thermal_switches(mosquitto: Broke
                                        and _active(d) == ""),
                        timeout_s=30, what="heartbeat: ok, main active", on_timeout=fleet.logs)
         assert await _answer(agent.serve_url, x, want_main, want_light) == "main"
+    finally:
+        await fleet.stop()
+
+
+async def test_broken_variant_degrades_without_failing_the_model(mosquitto: Broker,
+                                                                 tmp_path: Path) -> None:
+    main = build_digits_cnn(tmp_path / "models" / "digits-main.onnx")
+    broken = tmp_path / "models" / "broken-light.onnx"
+    broken.write_bytes(b"\x08\x07this is not an ONNX protobuf" * 50)
+    docs = yaml.safe_load_all(_manifests(tmp_path / "manifests", main=main,
+                                         light=broken).read_text())
+    only_model = tmp_path / "model-only.yaml"
+    only_model.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] == "EdgeModel"]))
+    fleet = await start_fleet(tmp_path, mosquitto, agents=0)
+    try:
+        res = await edgefleet_cli("--server", fleet.url, "apply", "-f", str(only_model))
+        assert res.returncode == 0, res.stderr
+
+        async def compiled() -> dict[str, Any] | None:
+            st = (fleet.ctrl.core.get("EdgeModel", "default", "digits") or {}).get("status")
+            return st if st and st.get("phase") in ("Ready", "Failed") and \
+                st.get("variants") else None
+
+        st = await wait_for(compiled, timeout_s=120, what="digits compiled")
+        assert st["phase"] == "Ready" and len(st["engines"]) == 1, st
+        [variant] = st["variants"]
+        assert variant["name"] == "light" and variant["engines"] == []
+        assert variant["failures"][0]["deviceClass"] == local_device_class()
+        conds = {c["type"]: c for c in st["conditions"]}
+        assert conds["Ready"]["status"] == "True"
+        assert conds["Degraded"]["status"] == "True"
+        assert conds["Degraded"]["reason"] == "VariantCompileFailed"
+        assert "variant light" in conds["Degraded"]["message"]
     finally:
         await fleet.stop()
 
