@@ -19,9 +19,12 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlmodel import Session, select
 
+from controller.fleet.models import Device, DeviceRollout
 from protos import topics, trust
 from protos.edgefleet.v1 import common_pb2, device_pb2, update_pb2
+from tests.helpers.models import build_affine
 
 API = "edgefleet.io/v1alpha1"
 
@@ -122,7 +125,7 @@ class FakeDevice:
                                   sent_at_ms=int(time.time() * 1000), labels=self.labels)
         self.client.publish(self.topic(topics.HEARTBEAT), hb.SerializeToString(), qos=1).wait_for_publish(5)
 
-    def status(self, m: update_pb2.UpdateManifest, state: int, reason: str = "") -> None:
+    def status(self, m: update_pb2.UpdateManifest, state: common_pb2.UpdateState, reason: str = "") -> None:
         st = update_pb2.UpdateStatus(device_id=self.device_id, update_id=m.update_id,
                                      model_name=m.model_name, version=m.version, state=state,
                                      reason=reason, bytes_total=m.payload_size,
@@ -241,3 +244,43 @@ class started_core:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.core.stop()
+
+
+# -- rollout tests: a compiled model, registered stand-in devices, rollout state ------------------
+def rollout_status(core: Any, name: str = "r") -> dict[str, Any]:
+    """The status of EdgeRollout default/``name`` ({} until it has one)."""
+    return (core.get("EdgeRollout", "default", name) or {}).get("status") or {}
+
+
+def rollout_rows(core: Any) -> dict[str, DeviceRollout]:
+    """Per-device rollout rows by device id."""
+    with Session(core.db) as s:
+        return {r.device_id: r for r in s.exec(select(DeviceRollout)).all()}
+
+
+async def ready_model(core: Any, tmp: Path, *, version: int = 1, marker: float = 1.0) -> str:
+    """Apply EdgeModel default/m (a small affine model) and wait until it is compiled;
+    returns the sha256 of its engine."""
+    src = build_affine(tmp / f"m{version}.onnx", marker=marker, n_in=96, n_out=64, seed=1)
+    core.apply([device_class(), edge_model("m", sha256=core.upload_artifact(src),
+                                           version=version)])
+    st = await wait_until(lambda: (x := core.get("EdgeModel", "default", "m")["status"])
+                          .get("phase") == "Ready" and x.get("version") == version and x,
+                          timeout_s=60, what="model compiled")
+    return str(st["engines"][0]["sha256"])
+
+
+async def registered_devices(core: Any, port: int, ids: list[str],
+                             **kw: Any) -> dict[str, FakeDevice]:
+    """FakeDevices ``ids`` on the broker at ``port``, each heartbeated until the core knows it."""
+    root = core.keys.root_public_raw()
+    devs = {i: FakeDevice(i, port, root, **kw) for i in ids}
+    for d in devs.values():
+        d.heartbeat()
+
+    def known() -> bool:
+        with Session(core.db) as s:
+            return all(s.get(Device, i) is not None for i in ids)
+
+    await wait_until(known, what="devices registered")
+    return devs

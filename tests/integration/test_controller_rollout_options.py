@@ -19,53 +19,20 @@ from sqlmodel import Session, select
 from agent.app import Agent
 from agent.config import config_from_dict
 from agent.telemetry.heartbeat import HeartbeatBuilder
-from controller.fleet.models import Device, DeviceDesired, DeviceRollout
+from controller.fleet.models import Device, DeviceDesired
 from protos.edgefleet.v1 import device_pb2
 from tests.helpers.controller import (
-    FakeDevice,
-    device_class,
-    edge_model,
     edge_rollout,
+    ready_model,
+    registered_devices,
+    rollout_rows,
+    rollout_status,
     started_core,
     wait_until,
 )
-from tests.helpers.models import build_affine
 from tests.helpers.ota import agent_config
 
 ALL = [{"name": "all", "percent": 100}]
-
-
-def _status(core: Any, name: str = "r") -> dict[str, Any]:
-    return (core.get("EdgeRollout", "default", name) or {}).get("status") or {}
-
-
-def _rows(core: Any) -> dict[str, DeviceRollout]:
-    with Session(core.db) as s:
-        return {r.device_id: r for r in s.exec(select(DeviceRollout)).all()}
-
-
-async def _model(core: Any, tmp: Path, *, version: int = 1, marker: float = 1.0) -> str:
-    src = build_affine(tmp / f"m{version}.onnx", marker=marker, n_in=96, n_out=64, seed=1)
-    core.apply([device_class(), edge_model("m", sha256=core.upload_artifact(src),
-                                           version=version)])
-    st = await wait_until(lambda: (x := core.get("EdgeModel", "default", "m")["status"])
-                          .get("phase") == "Ready" and x.get("version") == version and x,
-                          timeout_s=60, what="model compiled")
-    return str(st["engines"][0]["sha256"])
-
-
-async def _devices(core: Any, port: int, ids: list[str], **kw: Any) -> dict[str, FakeDevice]:
-    root = core.keys.root_public_raw()
-    devs = {i: FakeDevice(i, port, root, **kw) for i in ids}
-    for d in devs.values():
-        d.heartbeat()
-
-    def known() -> bool:
-        with Session(core.db) as s:
-            return all(s.get(Device, i) is not None for i in ids)
-
-    await wait_until(known, what="devices registered")
-    return devs
 
 
 async def test_rollout_chunk_size_capped_and_kept_across_restart(tmp_path: Path,
@@ -73,8 +40,8 @@ async def test_rollout_chunk_size_capped_and_kept_across_restart(tmp_path: Path,
     # the controller's chunk size is 8192: one rollout asks for 4096, one for 65536 (capped)
     opts = {"chunk_size_bytes": 8192}
     async with started_core(tmp_path / "c", mosquitto, **opts) as core:
-        await _model(core, tmp_path)
-        devs = await _devices(core, mosquitto.port, ["small", "big"], auto_fetch=False)
+        await ready_model(core, tmp_path)
+        devs = await registered_devices(core, mosquitto.port, ["small", "big"], auto_fetch=False)
         core.apply([
             edge_rollout("r4k", "m", ALL, selector={"devices": ["small"]},
                          chunkSizeBytes=4096),
@@ -84,7 +51,7 @@ async def test_rollout_chunk_size_capped_and_kept_across_restart(tmp_path: Path,
         small, big = devs["small"].offers[0], devs["big"].offers[0]
         assert small.chunk_size == 4096 and big.chunk_size == 8192
         assert len(small.chunk_sha256) == -(-small.payload_size // 4096) >= 4
-        rows = _rows(core)
+        rows = rollout_rows(core)
         assert rows["small"].chunk_size == 4096 and rows["big"].chunk_size == 8192
     # a restarted controller answers from the row: still 4096-byte chunks
     async with started_core(tmp_path / "c", mosquitto, **opts) as core:
@@ -92,7 +59,7 @@ async def test_rollout_chunk_size_capped_and_kept_across_restart(tmp_path: Path,
         d = devs["small"]
         d.auto_fetch = True
         d.request(small, list(range(min(8, len(small.chunk_sha256)))))
-        st = await wait_until(lambda: (x := _status(core, "r4k")).get("phase") == "Complete"
+        st = await wait_until(lambda: (x := rollout_status(core, "r4k")).get("phase") == "Complete"
                               and x, timeout_s=60, what="r4k complete")
         assert st["updated"] == 1
         last = len(small.chunk_sha256) - 1
@@ -107,8 +74,8 @@ async def test_rollout_chunk_size_capped_and_kept_across_restart(tmp_path: Path,
 async def test_rollout_max_bytes_per_second_has_its_own_bucket(tmp_path: Path,
                                                               mosquitto) -> None:
     async with started_core(tmp_path / "c", mosquitto) as core:
-        await _model(core, tmp_path)
-        [dev] = (await _devices(core, mosquitto.port, ["slow"])).values()
+        await ready_model(core, tmp_path)
+        [dev] = (await registered_devices(core, mosquitto.port, ["slow"])).values()
         # 1 byte per second: the first 4096-byte chunk is the burst, the second must wait
         core.apply([edge_rollout("r", "m", ALL, chunkSizeBytes=4096, maxBytesPerSecond=1)])
         bucket = await wait_until(lambda: core.publisher.rollout_bucket("default/r"),
@@ -116,11 +83,11 @@ async def test_rollout_max_bytes_per_second_has_its_own_bucket(tmp_path: Path,
         await wait_until(lambda: bucket.waiting == 1 and dev.chunks_seen, what="throttled")
         assert bucket.rate == 1 and bucket.taken_total == 4096
         assert len(dev.chunks_seen) == 1 and core.publisher.bucket.taken_total == 4096
-        assert _status(core)["phase"] == "Progressing"
+        assert rollout_status(core)["phase"] == "Progressing"
         # lifting the cap applies to the transfer already waiting
         core.apply([edge_rollout("r", "m", ALL, chunkSizeBytes=4096,
                                  maxBytesPerSecond=64 * 1024 * 1024)])
-        st = await wait_until(lambda: (x := _status(core)).get("phase") == "Complete" and x,
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Complete" and x,
                               timeout_s=60, what="rollout complete")
         size = dev.offers[0].payload_size
         assert bucket.rate == 64 * 1024 * 1024 and bucket.waiting == 0
@@ -133,15 +100,15 @@ async def test_soak_end_starts_next_wave_without_a_resync(tmp_path: Path, mosqui
     # no periodic resync: only the soak timer can start the second wave
     async with started_core(tmp_path / "c", mosquitto, resync_s=3600,
                             chunk_size_bytes=8192) as core:
-        await _model(core, tmp_path)
-        devs = await _devices(core, mosquitto.port, ["a-canary", "b-dev"])
+        await ready_model(core, tmp_path)
+        devs = await registered_devices(core, mosquitto.port, ["a-canary", "b-dev"])
         core.apply([edge_rollout("r", "m", [
             {"name": "canary", "count": 1, "healthGate": {"soakSeconds": 2}},
             {"name": "rest", "percent": 100}])])
-        await wait_until(lambda: "soaking" in _status(core).get("message", ""),
+        await wait_until(lambda: "soaking" in rollout_status(core).get("message", ""),
                          timeout_s=60, what="canary soaking")
         assert devs["b-dev"].offer_messages == 0
-        st = await wait_until(lambda: (x := _status(core)).get("phase") == "Complete" and x,
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Complete" and x,
                               timeout_s=30, what="second wave after the soak")
         assert st["updated"] == 2 and devs["b-dev"].committed
         for d in devs.values():
@@ -156,8 +123,8 @@ def test_heartbeat_builder_sends_labels() -> None:
 
 async def test_match_labels_selects_by_heartbeat_labels(tmp_path: Path, mosquitto) -> None:
     async with started_core(tmp_path / "c", mosquitto, chunk_size_bytes=8192) as core:
-        await _model(core, tmp_path)
-        devs = await _devices(core, mosquitto.port, ["berlin-1", "paris-1"])
+        await ready_model(core, tmp_path)
+        devs = await registered_devices(core, mosquitto.port, ["berlin-1", "paris-1"])
         devs["berlin-1"].labels = {"site": "berlin", "tier": "edge"}
         devs["paris-1"].labels = {"site": "paris", "tier": "edge"}
         for d in devs.values():
@@ -166,14 +133,14 @@ async def test_match_labels_selects_by_heartbeat_labels(tmp_path: Path, mosquitt
             await wait_until(lambda: s.get(Device, "paris-1", populate_existing=True)
                              .labels.get("site") == "paris", what="labels stored")
         core.apply([edge_rollout("r", "m", ALL, selector={"matchLabels": {"site": "berlin"}})])
-        st = await wait_until(lambda: (x := _status(core)).get("phase") == "Complete" and x,
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Complete" and x,
                               timeout_s=60, what="rollout complete")
         assert st["targeted"] == 1 and list(st["devices"]) == ["berlin-1"]
-        assert devs["paris-1"].offer_messages == 0 and set(_rows(core)) == {"berlin-1"}
+        assert devs["paris-1"].offer_messages == 0 and set(rollout_rows(core)) == {"berlin-1"}
         # a device whose labels start to match joins the rollout
         devs["paris-1"].labels = {"site": "berlin"}
         devs["paris-1"].heartbeat()
-        st = await wait_until(lambda: (x := _status(core)).get("updated") == 2 and x,
+        st = await wait_until(lambda: (x := rollout_status(core)).get("updated") == 2 and x,
                               timeout_s=60, what="relabelled device updated")
         assert st["phase"] == "Complete" and devs["paris-1"].committed
         for d in devs.values():
@@ -183,10 +150,10 @@ async def test_match_labels_selects_by_heartbeat_labels(tmp_path: Path, mosquitt
 async def test_commit_clears_offer_and_publishes_desired_state(tmp_path: Path,
                                                                mosquitto) -> None:
     async with started_core(tmp_path / "c", mosquitto, chunk_size_bytes=8192) as core:
-        v1 = await _model(core, tmp_path)
-        devs = await _devices(core, mosquitto.port, ["d1", "d2"])
+        v1 = await ready_model(core, tmp_path)
+        devs = await registered_devices(core, mosquitto.port, ["d1", "d2"])
         core.apply([edge_rollout("r", "m", ALL)])
-        await wait_until(lambda: _status(core).get("phase") == "Complete", timeout_s=60,
+        await wait_until(lambda: rollout_status(core).get("phase") == "Complete", timeout_s=60,
                          what="rollout complete")
         for d in devs.values():
             await wait_until(lambda d=d: d.empty_offers >= 1 and d.desired, what="cleared")
@@ -208,9 +175,9 @@ async def test_commit_clears_offer_and_publishes_desired_state(tmp_path: Path,
         await wait_until(lambda: core.reconcile_count >= n + 3, what="more reconciles")
         assert len(devs["d2"].desired) == 1 and d1.desired[0].generation == 1
         # a new version: a new offer, then generation 2 once committed
-        v2 = await _model(core, tmp_path, version=2, marker=1.5)
-        await wait_until(lambda: _status(core).get("version") == 2
-                         and _status(core).get("phase") == "Complete", timeout_s=60,
+        v2 = await ready_model(core, tmp_path, version=2, marker=1.5)
+        await wait_until(lambda: rollout_status(core).get("version") == 2
+                         and rollout_status(core).get("phase") == "Complete", timeout_s=60,
                          what="v2 complete")
         await wait_until(lambda: d1.desired and d1.desired[-1].generation >= 2
                          and d1.desired[-1].models[0].target_sha256 == v2, what="desired v2")
@@ -222,7 +189,7 @@ async def test_real_agent_labels_cleared_offer_and_desired_state(tmp_path: Path,
                                                                  caplog) -> None:
     caplog.set_level(logging.DEBUG, logger="agent")
     async with started_core(tmp_path / "c", mosquitto, chunk_size_bytes=8192) as core:
-        await _model(core, tmp_path)
+        await ready_model(core, tmp_path)
         who = SimpleNamespace(device_id="agent-1", device_class="cpu-x86-64",
                               root_public_b64=core.keys.root_public_b64())
         cfg = agent_config(tmp_path, host=mosquitto.host, port=mosquitto.port, driver=who,
@@ -237,7 +204,7 @@ async def test_real_agent_labels_cleared_offer_and_desired_state(tmp_path: Path,
 
             await wait_until(labelled, what="agent heartbeat with labels")
             core.apply([edge_rollout("r", "m", ALL, selector={"matchLabels": {"site": "lab"}})])
-            await wait_until(lambda: _status(core).get("phase") == "Complete", timeout_s=60,
+            await wait_until(lambda: rollout_status(core).get("phase") == "Complete", timeout_s=60,
                              what="agent committed")
             await wait_until(lambda: agent.desired_generation == 1, what="desired state")
             await wait_until(lambda: _desired(core) and all(

@@ -9,66 +9,30 @@ and a restarted controller resuming without offering a device twice.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from sqlmodel import Session, select
-
-from controller.fleet.models import Device, DeviceRollout
 from tests.helpers.controller import (
     FakeDevice,
-    device_class,
-    edge_model,
     edge_rollout,
+    ready_model,
+    registered_devices,
+    rollout_rows,
+    rollout_status,
     started_core,
     wait_until,
 )
-from tests.helpers.models import build_affine
 
 FAST = {"chunk_size_bytes": 4096, "ota_max_bytes_per_second": 256 * 1024}
 
 
-def _status(core: Any, name: str = "r") -> dict[str, Any]:
-    return (core.get("EdgeRollout", "default", name) or {}).get("status") or {}
-
-
-def _rows(core: Any) -> dict[str, DeviceRollout]:
-    with Session(core.db) as s:
-        return {r.device_id: r for r in s.exec(select(DeviceRollout)).all()}
-
-
-async def _model(core: Any, tmp: Path, *, marker: float = 1.0, version: int = 1) -> str:
-    src = build_affine(tmp / f"m{version}.onnx", marker=marker, n_in=96, n_out=64, seed=1)
-    sha = core.upload_artifact(src)
-    core.apply([device_class(), edge_model("m", sha256=sha, version=version)])
-    st = await wait_until(lambda: (x := core.get("EdgeModel", "default", "m")["status"])
-                          .get("phase") == "Ready" and x.get("version") == version and x,
-                          timeout_s=60, what="model compiled")
-    return str(st["engines"][0]["sha256"])
-
-
-async def _devices(core: Any, port: int, ids: list[str], **kw: Any) -> dict[str, FakeDevice]:
-    root = core.keys.root_public_raw()
-    devs = {i: FakeDevice(i, port, root, **kw) for i in ids}
-    for d in devs.values():
-        d.heartbeat()
-
-    def known() -> bool:
-        with Session(core.db) as s:
-            return all(s.get(Device, i) is not None for i in ids)
-
-    await wait_until(known, what="devices registered")
-    return devs
-
-
 async def test_one_wave_rollout_and_byte_accounting(tmp_path: Path, mosquitto) -> None:
     async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
-        engine_sha = await _model(core, tmp_path)
-        devs = await _devices(core, mosquitto.port, ["dev-a", "dev-b"])
+        engine_sha = await ready_model(core, tmp_path)
+        devs = await registered_devices(core, mosquitto.port, ["dev-a", "dev-b"])
         core.apply([edge_rollout("r", "m", [{"name": "all", "percent": 100}])])
-        st = await wait_until(lambda: (x := _status(core)).get("phase") == "Complete" and x,
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Complete" and x,
                               timeout_s=60, what="rollout complete")
         engine = core.store.path(engine_sha).read_bytes()
-        rows = _rows(core)
+        rows = rollout_rows(core)
         for d in devs.values():
             [uid] = d.committed
             assert d.offer_messages == 1
@@ -90,8 +54,8 @@ async def test_one_wave_rollout_and_byte_accounting(tmp_path: Path, mosquitto) -
 async def test_chunk_requests_answered_exactly_and_bad_ones_ignored(tmp_path: Path,
                                                                     mosquitto) -> None:
     async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
-        await _model(core, tmp_path)
-        [dev] = (await _devices(core, mosquitto.port, ["dev-m"], auto_fetch=False)).values()
+        await ready_model(core, tmp_path)
+        [dev] = (await registered_devices(core, mosquitto.port, ["dev-m"], auto_fetch=False)).values()
         other = FakeDevice("dev-x", mosquitto.port, core.keys.root_public_raw(),
                            device_class="other-class")
         core.apply([edge_rollout("r", "m", [{"name": "all", "percent": 100}])])
@@ -116,27 +80,27 @@ async def test_chunk_requests_answered_exactly_and_bad_ones_ignored(tmp_path: Pa
         await wait_until(lambda: len(dev.chunks_seen) == 3, what="third chunk")
         assert dev.chunks_seen == [(m.update_id, 3), (m.update_id, 0), (m.update_id, 1)]
         assert other.chunks_seen == []
-        assert _rows(core)["dev-m"].bytes_sent == 3 * 4096
+        assert rollout_rows(core)["dev-m"].bytes_sent == 3 * 4096
         dev.close()
         other.close()
 
 
 async def test_failed_canary_stops_the_rollout(tmp_path: Path, mosquitto) -> None:
     async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
-        await _model(core, tmp_path)
-        devs = await _devices(core, mosquitto.port, ["a-canary", "b-dev", "c-dev"])
+        await ready_model(core, tmp_path)
+        devs = await registered_devices(core, mosquitto.port, ["a-canary", "b-dev", "c-dev"])
         devs["a-canary"].fail_updates = True
         core.apply([edge_rollout("r", "m", [
             {"name": "canary", "count": 1, "healthGate": {"maxFailed": 0}},
             {"name": "rest", "percent": 100}])])
-        st = await wait_until(lambda: (x := _status(core)).get("phase") == "Failed" and x,
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Failed" and x,
                               timeout_s=60, what="rollout failed")
         assert st["currentWave"] == "canary" and st["failed"] == 1 and st["updated"] == 0
         assert "maxFailed" in st["message"]
         assert st["devices"]["a-canary"]["state"] == "failed"
         n = core.reconcile_count
         await wait_until(lambda: core.reconcile_count >= n + 3, what="more reconciles")
-        rows = _rows(core)
+        rows = rollout_rows(core)
         assert rows["b-dev"].state == "pending" and rows["c-dev"].state == "pending"
         assert devs["b-dev"].offer_messages == 0 and devs["c-dev"].offer_messages == 0
         for d in devs.values():
@@ -147,16 +111,16 @@ async def test_restart_mid_rollout_does_not_reoffer(tmp_path: Path, mosquitto) -
     waves = [{"name": "canary", "count": 1, "healthGate": {"soakSeconds": 3600}},
              {"name": "rest", "percent": 100}]
     async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
-        await _model(core, tmp_path)
-        devs = await _devices(core, mosquitto.port, ["a-canary", "b-dev", "c-dev"])
+        await ready_model(core, tmp_path)
+        devs = await registered_devices(core, mosquitto.port, ["a-canary", "b-dev", "c-dev"])
         core.apply([edge_rollout("r", "m", waves)])
-        await wait_until(lambda: "soaking" in _status(core).get("message", ""), timeout_s=60,
+        await wait_until(lambda: "soaking" in rollout_status(core).get("message", ""), timeout_s=60,
                          what="canary soaking")
     assert devs["a-canary"].offer_messages == 1 and len(devs["a-canary"].committed) == 1
     async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
         n = core.reconcile_count
         await wait_until(lambda: core.reconcile_count >= n + 4, what="reconciles after restart")
-        st = _status(core)
+        st = rollout_status(core)
         assert st["phase"] == "Progressing" and st["currentWave"] == "canary"
         assert st["devices"]["a-canary"]["state"] == "committed"
         assert devs["a-canary"].offer_messages == 1
@@ -164,7 +128,7 @@ async def test_restart_mid_rollout_does_not_reoffer(tmp_path: Path, mosquitto) -
         # end the soak: the rest goes on, the canary is not offered again
         waves[0]["healthGate"] = {"soakSeconds": 0}
         assert core.apply([edge_rollout("r", "m", waves)])[0].action == "configured"
-        st = await wait_until(lambda: (x := _status(core)).get("phase") == "Complete" and x,
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Complete" and x,
                               timeout_s=60, what="rollout complete")
         assert st["updated"] == 3
         assert [d.offer_messages for d in devs.values()] == [1, 1, 1]
@@ -175,14 +139,14 @@ async def test_restart_mid_rollout_does_not_reoffer(tmp_path: Path, mosquitto) -
 async def test_second_version_ships_a_delta_from_the_served_engine(tmp_path: Path,
                                                                    mosquitto) -> None:
     async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
-        v1 = await _model(core, tmp_path, version=1)
-        devs = await _devices(core, mosquitto.port, ["d1", "d2"])
+        v1 = await ready_model(core, tmp_path, version=1)
+        devs = await registered_devices(core, mosquitto.port, ["d1", "d2"])
         core.apply([edge_rollout("r", "m", [{"name": "all", "percent": 100}])])
-        await wait_until(lambda: _status(core).get("phase") == "Complete", timeout_s=60,
+        await wait_until(lambda: rollout_status(core).get("phase") == "Complete", timeout_s=60,
                          what="v1 complete")
         assert all(d.served[0].sha256 == v1 for d in devs.values())
-        v2 = await _model(core, tmp_path, marker=1.5, version=2)
-        st = await wait_until(lambda: (x := _status(core)).get("phase") == "Complete"
+        v2 = await ready_model(core, tmp_path, marker=1.5, version=2)
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Complete"
                               and x.get("version") == 2 and x, timeout_s=60, what="v2 complete")
         offers = [d.offers[-1] for d in devs.values()]
         assert all(o.target_sha256 == v2 and o.version == 2 for o in offers)
