@@ -66,7 +66,7 @@ class MetricsSubscriber:
                         client_id="metrics-sub-offline-start", protocol=mqtt.MQTTv5)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
-        c.reconnect_delay_set(0.2, 1)
+        c.reconnect_delay_set(1, 1)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         c.connect(broker.host, broker.port, clean_start=False, properties=props)
