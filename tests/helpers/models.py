@@ -4,8 +4,9 @@
 matmul; with zero inputs the output is exactly ``marker``, so a response tells which version
 answered. ``build_nan``: always outputs NaN (fails the smoke check). ``build_mlp``: a dense
 model of roughly ``size_mb`` megabytes of weights (for hot-swap/RSS benchmarks).
-Also ``fingerprint()`` and ``sha256_file()`` helpers, and ``activate_file()`` to put a model
-into a registry in one call.
+Also ``fingerprint()`` and ``sha256_file()`` helpers, ``activate_file()`` to put a model
+into a registry in one call, and ``digits_assets()`` (the compile tests' digits CNN, validation
+samples and quantisation-hostile model).
 """
 
 from __future__ import annotations
@@ -94,3 +95,13 @@ def activate_file(registry, path: Path, *, name: str, version: int, variant: str
     """``registry.activate`` with the file's real sha256 and a CPU fingerprint."""
     registry.activate(name=name, version=version, path=path, sha256=sha256_file(path),
                       fingerprint=fp or fingerprint(), signature=None, variant=variant)
+
+
+def digits_assets(folder: Path, *, n_validation: int) -> dict[str, Path]:
+    """The compile tests' inputs in ``folder``: "cnn" (the digits CNN), "val" (an npz of
+    ``n_validation`` held-out samples) and "hostile" (a model int8 cannot quantise)."""
+    from controller.models import digits
+
+    return {"cnn": digits.build_digits_cnn(folder / "cnn.onnx"),
+            "val": digits.build_validation_samples(folder / "val.npz", n=n_validation),
+            "hostile": digits.build_quant_hostile(folder / "hostile.onnx")}

@@ -9,7 +9,7 @@ import pytest
 from controller.compile.api import AllPrecisionsRejected, compile_model
 from controller.compile.deviceclass import AccuracySpec, get_device_class
 from controller.compile.rknn import rknn_python, rknn_venv
-from controller.models import digits
+from tests.helpers.models import digits_assets
 
 pytestmark = pytest.mark.rknn
 
@@ -26,10 +26,7 @@ def _need_venv() -> None:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("rk")
-    return {"cnn": digits.build_digits_cnn(d / "cnn.onnx"),
-            "val": digits.build_validation_samples(d / "val.npz", n=80),
-            "hostile": digits.build_quant_hostile(d / "hostile.onnx")}
+    return digits_assets(tmp_path_factory.mktemp("rk"), n_validation=80)
 
 
 def test_int8_rknn_passes_gate_on_simulator(assets: dict[str, Path], tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ from controller.compile.deviceclass import (
     DeviceClassSpec,
     get_device_class,
 )
-from controller.models import digits
 from protos.errors import Rejected
+from tests.helpers.models import digits_assets
 
 X86 = get_device_class("cpu-x86-64")
 GATE = AccuracySpec(metric="top1-agreement", budget=0.98)
@@ -30,10 +30,7 @@ GATE = AccuracySpec(metric="top1-agreement", budget=0.98)
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("assets")
-    return {"cnn": digits.build_digits_cnn(d / "cnn.onnx"),
-            "val": digits.build_validation_samples(d / "val.npz", n=100),
-            "hostile": digits.build_quant_hostile(d / "hostile.onnx")}
+    return digits_assets(tmp_path_factory.mktemp("assets"), n_validation=100)
 
 
 def test_fp32_is_deterministic_and_described(assets: dict[str, Path], tmp_path: Path) -> None:

@@ -13,18 +13,15 @@ from controller.compile.api import AllPrecisionsRejected, compile_model
 from controller.compile.cli import run_compile_command
 from controller.compile.deviceclass import AccuracySpec, DeviceClassSpec, get_device_class
 from controller.compile.worker import compile_async, compile_in_subprocess
-from controller.models import digits
 from protos.errors import BackendUnavailable, Rejected
+from tests.helpers.models import digits_assets
 
 X86 = get_device_class("cpu-x86-64")
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("assets")
-    return {"cnn": digits.build_digits_cnn(d / "cnn.onnx"),
-            "val": digits.build_validation_samples(d / "val.npz", n=60),
-            "hostile": digits.build_quant_hostile(d / "hostile.onnx")}
+    return digits_assets(tmp_path_factory.mktemp("assets"), n_validation=60)
 
 
 def test_subprocess_report_matches_in_process(assets: dict[str, Path], tmp_path: Path) -> None:
