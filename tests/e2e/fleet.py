@@ -69,6 +69,18 @@ async def wait_for(check: Callable[[], Awaitable[T | None]], *, timeout_s: float
                          f"{on_timeout()}")
 
 
+async def wait_device_online(url: str, device_id: str, *, timeout_s: float, what: str,
+                             on_timeout: Callable[[], str] = lambda: "") -> dict[str, Any]:
+    """Wait until the API at ``url`` lists ``device_id`` online with a heartbeat; its row."""
+    async def online() -> dict[str, Any] | None:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+            items = (await c.get("/api/v1/devices")).json()["items"]
+        dev = next((d for d in items if d["id"] == device_id), None)
+        return dev if dev and dev["online"] and dev.get("last_heartbeat_ms") else None
+
+    return await wait_for(online, timeout_s=timeout_s, what=what, on_timeout=on_timeout)
+
+
 async def start_fleet(tmp_path: Path, broker: Broker, *, agents: int) -> Fleet:
     ctrl = EmbeddedController(EmbeddedOptions(
         data_dir=tmp_path / "controller", api_port=0, broker_url=broker.url,

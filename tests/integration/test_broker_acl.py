@@ -278,7 +278,7 @@ def test_agent_link_logs_refusals(secure: SecureBroker, caplog: pytest.LogCaptur
 async def test_real_agent_heartbeats_through_tls(secure: SecureBroker, tmp_path: Path) -> None:
     from controller.demo_agents import local_device_class, write_agent_config
     from controller.embedded import EmbeddedController, EmbeddedOptions
-    from tests.e2e.fleet import wait_for
+    from tests.e2e.fleet import wait_device_online
 
     pki = secure.pki
     ctrl = EmbeddedController(EmbeddedOptions(
@@ -295,16 +295,8 @@ async def test_real_agent_heartbeats_through_tls(secure: SecureBroker, tmp_path:
                             "key": str(pki.dev_a.key)}})
     agent.start()
     try:
-        async def online() -> Any:
-            import httpx
-
-            async with httpx.AsyncClient(base_url=ctrl.url, timeout=10) as c:
-                items = (await c.get("/api/v1/devices")).json()["items"]
-            dev = next((d for d in items if d["id"] == "dev-a"), None)
-            return dev if dev and dev["online"] and dev.get("last_heartbeat_ms") else None
-
-        dev = await wait_for(online, timeout_s=60, what="dev-a online via TLS",
-                             on_timeout=agent.log_tail)
+        dev = await wait_device_online(ctrl.url, "dev-a", timeout_s=60,
+                                       what="dev-a online via TLS", on_timeout=agent.log_tail)
         assert dev["device_class"] == local_device_class()
         assert "refused" not in agent.log_tail(20000)
     finally:

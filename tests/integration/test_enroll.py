@@ -27,7 +27,7 @@ import yaml
 from controller.demo_agents import AgentProcess, agent_command, local_device_class
 from controller.embedded import EmbeddedController, EmbeddedOptions
 from controller.pki import cert_common_name
-from tests.e2e.fleet import wait_for
+from tests.e2e.fleet import wait_device_online, wait_for
 from tests.helpers.broker import free_port, mosquitto_path
 
 pytestmark = pytest.mark.timeout(180)
@@ -114,14 +114,8 @@ async def test_enroll_then_heartbeat_through_tls(ctrl: EmbeddedController,
     agent = AgentProcess("board-1", board, out, serve_port, board / "agent.log")
     agent.start()
     try:
-        async def online() -> Any:
-            async with httpx.AsyncClient(base_url=ctrl.url, timeout=10) as c:
-                items = (await c.get("/api/v1/devices")).json()["items"]
-            dev = next((d for d in items if d["id"] == "board-1"), None)
-            return dev if dev and dev["online"] and dev.get("last_heartbeat_ms") else None
-
-        dev = await wait_for(online, timeout_s=60, what="board-1 online through TLS",
-                             on_timeout=agent.log_tail)
+        dev = await wait_device_online(ctrl.url, "board-1", timeout_s=60,
+                                       what="board-1 online through TLS", on_timeout=agent.log_tail)
         assert dev["device_class"] == cls
         assert "refused" not in agent.log_tail(20000)
     finally:
