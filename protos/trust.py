@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from google.protobuf.message import Message
 
 from protos import envelope
 from protos.edgefleet.v1 import update_pb2
@@ -86,8 +85,3 @@ class TrustState:
                     raise Rejected(f"signing key {env.key_id} expired", reason="expired_key")
                 return envelope.verify(env, envelope.load_public(k.public_key), message_type)
         raise Rejected(f"unknown signing key {env.key_id}", reason="unknown_key")
-
-
-def message_digest(msg: Message) -> bytes:
-    """Deterministic serialization, for hashing and persistence."""
-    return msg.SerializeToString(deterministic=True)

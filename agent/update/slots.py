@@ -165,12 +165,3 @@ class SlotStore:
         write_atomic(self.root / info.key / "active.json",
                      json.dumps({"slot": info.slot, "version": info.version,
                                  "sha256": info.sha256}).encode(), mode=0o600)
-
-    def committed(self) -> list[SlotInfo]:
-        """The active slot of every model (for startup and heartbeats)."""
-        out = []
-        for key in self.keys():
-            info = self.active(key)
-            if info:
-                out.append(info)
-        return out

@@ -350,10 +350,6 @@ class BuildDispatcher:
                              "message": job.message, "at_ms": _now_ms()})
         del self.history[:-100]
 
-    def job_state(self, job_id: str) -> JobState | None:
-        job = self._jobs.get(job_id)
-        return job.state if job else None
-
     def _on_result(self, bid: str, data: bytes) -> None:
         pub = self.trusted.get(bid)
         if pub is None:

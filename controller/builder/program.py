@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import platform
 import queue
 import shutil
 import signal
@@ -48,7 +47,7 @@ from controller.builder.protocol import (
     public_b64,
 )
 from controller.compile.api import get_compiler
-from controller.compile.deviceclass import AccuracySpec, DeviceClassSpec
+from controller.compile.deviceclass import AccuracySpec, DeviceClassSpec, host_arch
 from controller.compile.worker import compile_in_subprocess
 from protos import envelope, topics, trust
 from protos.edgefleet.v1 import builder_pb2, common_pb2
@@ -64,14 +63,9 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _host_arch() -> str:
-    m = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
-
-
 def probe_facts(engine_kind: str) -> BuilderFacts:
     """This machine's facts for ``engine_kind``; BackendUnavailable if it cannot build it."""
-    probe = DeviceClassSpec(name="builder-probe", engine_kind=engine_kind, arch=_host_arch())
+    probe = DeviceClassSpec(name="builder-probe", engine_kind=engine_kind, arch=host_arch())
     c = get_compiler(probe)
     return BuilderFacts(engine_kind=engine_kind, arch=probe.arch, accelerator=c.accelerator(),
                         toolchain=c.toolchain, toolchain_version=c.toolchain_version(),

@@ -148,7 +148,8 @@ class AccuracySpec:
         return d
 
 
-def _host_arch() -> str:
+def host_arch() -> str:
+    """This machine's architecture as device classes name it (x86_64, aarch64, ...)."""
     m = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
@@ -179,8 +180,3 @@ def get_device_class(name: str) -> DeviceClassSpec:
     except KeyError:
         raise Rejected(f"unknown device class {name!r}; built-in: "
                        f"{sorted(BUILTIN_DEVICE_CLASSES)}", reason="unknown_device_class") from None
-
-
-def host_device_class() -> DeviceClassSpec:
-    """The built-in CPU class matching this machine (cpu-x86-64 or cpu-aarch64)."""
-    return get_device_class("cpu-aarch64" if _host_arch() == "aarch64" else "cpu-x86-64")

@@ -36,13 +36,6 @@ def condition(type_: str, status: bool | str, reason: str, message: str = "") ->
     return {"type": type_, "status": s, "reason": reason, "message": message}
 
 
-def get_condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    for c in (obj.get("status") or {}).get("conditions") or []:
-        if c.get("type") == type_:
-            return dict(c)
-    return None
-
-
 def merge_status(
     old: dict[str, Any] | None, new: dict[str, Any], *, generation: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
