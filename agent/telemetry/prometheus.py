@@ -7,7 +7,10 @@ Same numbers as the ``Metrics`` message sent over MQTT (:mod:`agent.telemetry.me
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from protos.edgefleet.v1.device_pb2 import ModelMetrics
 
 if TYPE_CHECKING:
     from agent.telemetry.metrics import MetricsCollector
@@ -23,20 +26,22 @@ def _num(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
+def _per_model(lines: list[str], models: list[ModelMetrics], name: str, kind: str,
+               help_text: str, value: Callable[[ModelMetrics], int]) -> None:
+    """One metric family with a sample per model version."""
+    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for m in models:
+        lines.append(f'{name}{{model="{_label(m.name)}",version="{m.version}"}} {value(m)}')
+
+
 def render(collector: MetricsCollector) -> str:
     """The whole exposition text for ``collector`` (models, then host readings)."""
     lines: list[str] = []
     models = collector.model_metrics()
-    lines += ["# HELP edgefleet_requests_total Inference requests per model version.",
-              "# TYPE edgefleet_requests_total counter"]
-    for m in models:
-        lines.append(f'edgefleet_requests_total{{model="{_label(m.name)}",'
-                     f'version="{m.version}"}} {m.requests}')
-    lines += ["# HELP edgefleet_request_errors_total Failed inference requests.",
-              "# TYPE edgefleet_request_errors_total counter"]
-    for m in models:
-        lines.append(f'edgefleet_request_errors_total{{model="{_label(m.name)}",'
-                     f'version="{m.version}"}} {m.errors}')
+    _per_model(lines, models, "edgefleet_requests_total", "counter",
+               "Inference requests per model version.", lambda m: m.requests)
+    _per_model(lines, models, "edgefleet_request_errors_total", "counter",
+               "Failed inference requests.", lambda m: m.errors)
     lines += ["# HELP edgefleet_request_latency_seconds Server-side inference request latency.",
               "# TYPE edgefleet_request_latency_seconds histogram"]
     for m in models:
@@ -51,11 +56,8 @@ def render(collector: MetricsCollector) -> str:
         lines.append(f"edgefleet_request_latency_seconds_sum{{{labels}}} "
                      f"{_num(m.latency.sum_ms / 1000.0)}")
         lines.append(f"edgefleet_request_latency_seconds_count{{{labels}}} {cumulative}")
-    lines += ["# HELP edgefleet_queue_depth Requests waiting for a concurrency slot.",
-              "# TYPE edgefleet_queue_depth gauge"]
-    for m in models:
-        lines.append(f'edgefleet_queue_depth{{model="{_label(m.name)}",'
-                     f'version="{m.version}"}} {m.queue_depth}')
+    _per_model(lines, models, "edgefleet_queue_depth", "gauge",
+               "Requests waiting for a concurrency slot.", lambda m: m.queue_depth)
     lines += ["# HELP edgefleet_batch_size_total Executions per batch size.",
               "# TYPE edgefleet_batch_size_total counter"]
     for m in models:
