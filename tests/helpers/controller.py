@@ -43,13 +43,14 @@ async def wait_until(pred: Callable[[], Any], *, timeout_s: float = 30.0,
 
 
 def wait_sync(pred: Callable[[], Any], *, timeout_s: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``pred`` (from a thread) until truthy (returns it) or fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = pred()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(0.02)
 
 

@@ -4,7 +4,6 @@ documents, and waiting on a condition with a deadline. Used by tests/integration
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from controller.crd.leader import LeaderElector
 from controller.crd.source import ClusterSource
 from controller.crd.status import condition
 from protos.errors import Rejected, RetryLater
+from tests.helpers.controller import wait_sync
 from tests.helpers.kube import RunningKube
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,14 +25,7 @@ SHA = "ab" * 32
 
 def wait_for(pred: Callable[[], Any], *, timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll ``pred`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = pred()
-        if out:
-            return out
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    return wait_sync(pred, timeout_s=timeout, what=what)
 
 
 def install_crds(api_client: Any) -> None:
