@@ -4,6 +4,11 @@ local inference server, heartbeats and metrics.
 Startup order matters: the committed engines are loaded from the slots BEFORE connecting,
 so a board serves its last good model even with no network. Created by :mod:`agent.cli`
 (``edgefleet-agent run --config FILE``) and by tests in-process.
+
+``serve.batching`` (dynamic batching per model) is applied after every activation of a
+configured model, at startup (slots) and after OTA updates (:meth:`Agent._apply_batching`).
+numpy and onnxruntime are not imported here: the runtime imports them when the first
+engine is activated, so an agent without a model stays small.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ class Agent:
         self.slots = SlotStore(data / "models")
         self.trust = TrustStore(cfg.trust.root_raw(), path=cfg.key_list_file(),
                                 max_envelope_bytes=cfg.limits.max_envelope_bytes)
-        self.updates = UpdateManager(cfg, trust=self.trust, registry=self.registry,
+        self.updates = UpdateManager(cfg, trust=self.trust,
+                                     registry=_AfterActivation(self.registry,
+                                                               self._apply_batching),
                                      slots=self.slots, states=StateStore(data / "update"),
                                      publish=self._publish,
                                      connection_id=lambda: self.link.connection_id())
@@ -105,6 +112,34 @@ class Agent:
         """Block until :meth:`stop` (the CLI's main thread)."""
         while not self._stop.wait(1.0):
             pass
+
+    # ---- serving options ------------------------------------------------------------------
+    def _apply_batching(self, name: str, version: int) -> None:
+        """Turn on ``serve.batching`` for model ``name`` after one of its engines was
+        activated (startup or OTA). The registry keeps the settings for later versions; a
+        version that cannot be batched is logged and served unbatched. Never raises: a
+        serving option must not fail an update."""
+        from protos.errors import Rejected
+
+        settings = self.cfg.serve.batching.get(name)
+        if settings is None:
+            return
+        dev = self.cfg.device_id
+        try:
+            if self.registry.batching(name) is None:
+                self.registry.configure_batching(name, **settings)
+                log.info("device %s: model %s v%d: dynamic batching on (%s)", dev, name,
+                         version, ", ".join(f"{k}={v}" for k, v in settings.items()))
+            else:  # the registry applied the kept settings while activating: check them
+                from agent.runtime.batching import check_batchable
+
+                _info, signature = self.registry.describe(name, version)
+                check_batchable(signature, model=name)
+        except Rejected as e:
+            log.warning("device %s: model %s v%d served without batching: %s (%s)", dev, name,
+                        version, e, e.reason)
+        except Exception:  # a batching bug must not fail the update that is committing
+            log.exception("device %s: model %s v%d: batching not applied", dev, name, version)
 
     # ---- MQTT -----------------------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> bool:
@@ -208,3 +243,16 @@ class Agent:
                         self._metrics_tick()
             except Exception:  # telemetry must never stop the agent
                 log.exception("device %s: telemetry tick failed", self.cfg.device_id)
+
+
+class _AfterActivation:
+    """The registry as the update manager sees it: ``activate`` then ``after(name,
+    version)`` (used for ``serve.batching``). The manager calls nothing else on it."""
+
+    def __init__(self, registry: Any, after: Any) -> None:
+        self._registry = registry
+        self._after = after
+
+    def activate(self, **kwargs: Any) -> None:
+        self._registry.activate(**kwargs)
+        self._after(kwargs["name"], kwargs["version"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,16 @@ import yaml
 from protos import topics
 
 MQTT_PROTOCOLS = ("5", "3.1.1")
+
+#: model names as in update manifests (``agent.update.verify.NAME_RE``)
+MODEL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+
+#: ``serve.batching.MODEL`` keys and their defaults (``agent.runtime.batching.BatchingConfig``)
+BATCHING_DEFAULTS: dict[str, int | float] = {
+    "max_batch_size": 16,          # most rows per inference; 1 = batching off for this model
+    "max_queue_delay_ms": 2.0,     # how long a batch may wait for requests on their way
+    "max_concurrent_batches": 1,   # inferences of this model running at once
+}
 
 
 class ConfigError(ValueError):
@@ -70,6 +81,10 @@ class ServeConfig:
     enabled: bool = True
     host: str = "127.0.0.1"     # local inference API; loopback only by default
     port: int = 8080            # 0 = pick a free port
+    # dynamic batching per model name: {MODEL: {max_batch_size, max_queue_delay_ms,
+    # max_concurrent_batches}} (missing keys take BATCHING_DEFAULTS); {} = off everywhere.
+    # Normalised by AgentConfig.validate to complete mappings.
+    batching: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,6 +150,47 @@ class AgentConfig:
             raise ConfigError("mqtt.tls.cert and mqtt.tls.key go together")
         if self.heartbeat_interval_s <= 0 or self.metrics_interval_s <= 0:
             raise ConfigError("heartbeat_interval_s and metrics_interval_s must be > 0")
+        self.serve.batching = _batching_settings(self.serve.batching)
+
+
+def _batching_settings(raw: Any) -> dict[str, dict[str, Any]]:
+    """Validate ``serve.batching`` and fill in defaults; ConfigError names the bad key."""
+    from agent.runtime.batching import BatchingConfig  # the ranges live there
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"serve.batching must be a mapping of model name -> settings, "
+                          f"got {type(raw).__name__}")
+    out: dict[str, dict[str, Any]] = {}
+    for model, settings in raw.items():
+        where = f"serve.batching.{model}"
+        if not isinstance(model, str) or not MODEL_NAME_RE.match(model):
+            raise ConfigError(f"serve.batching: {model!r} is not a model name "
+                              f"([a-z0-9._-], 1-63 chars)")
+        if settings is None:
+            settings = {}
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{where} must be a mapping ({', '.join(BATCHING_DEFAULTS)})")
+        unknown = sorted(str(k) for k in set(settings) - set(BATCHING_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)} "
+                              f"(known: {', '.join(BATCHING_DEFAULTS)})")
+        merged = {**BATCHING_DEFAULTS, **settings}
+        for key in ("max_batch_size", "max_concurrent_batches"):
+            if not isinstance(merged[key], int) or isinstance(merged[key], bool):
+                raise ConfigError(f"{where}.{key} must be an integer, got {merged[key]!r}")
+        delay = merged["max_queue_delay_ms"]
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool):
+            raise ConfigError(f"{where}.max_queue_delay_ms must be a number, got {delay!r}")
+        merged["max_queue_delay_ms"] = float(delay)
+        for key in BATCHING_DEFAULTS:
+            try:
+                BatchingConfig(**{**BATCHING_DEFAULTS, key: merged[key]})
+            except ValueError as e:
+                raise ConfigError(f"{where}.{key}: {e}") from e
+        out[model] = merged
+    return out
 
 
 def _build(cls: Any, data: Any, where: str) -> Any:

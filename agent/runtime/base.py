@@ -4,8 +4,10 @@ A backend turns an engine file (ONNX model, TensorRT plan, RKNN model) into a
 :class:`LoadedEngine` that runs inference on numpy arrays. The hot loader
 (:mod:`agent.runtime.registry`) calls :meth:`EngineBackend.check_fingerprint` and
 :meth:`EngineBackend.load`; the local inference API (:mod:`agent.serve`) calls
-:meth:`LoadedEngine.infer` through a registry lease. ``available_backends`` and
-``backend_for`` are used by the registry and by the heartbeat (device facts).
+:meth:`LoadedEngine.infer` through a registry lease. ``backend_for`` is used by the registry,
+``available_runtimes`` by the heartbeat (device facts, without importing vendor SDKs where a
+backend can avoid it) and ``available_backends`` by tests. numpy is imported when an engine
+loads, not with this module.
 
 Rule of the house: the public ``load`` checks its inputs and wraps vendor errors into
 :mod:`protos.errors` types; each backend implements the private ``_load`` hook only.
@@ -19,9 +21,7 @@ import logging
 import platform
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar
-
-import numpy as np
+from typing import TYPE_CHECKING, ClassVar
 
 from protos.edgefleet.v1.common_pb2 import (
     EngineFingerprint,
@@ -30,6 +30,9 @@ from protos.edgefleet.v1.common_pb2 import (
     TensorSpec,
 )
 from protos.errors import BackendUnavailable, EdgefleetError, GiveUp, Rejected
+
+if TYPE_CHECKING:  # numpy is imported when an engine is loaded, not at agent start
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,13 @@ class EngineBackend(ABC):
     @abstractmethod
     def runtime_info(self) -> RuntimeInfo:
         """Engine kind, runtime version and accelerator of this backend on this machine."""
+
+    @classmethod
+    def probe_runtime(cls) -> RuntimeInfo:
+        """``runtime_info`` for the device facts, without loading the SDK where a backend can
+        (onnxruntime reads its package files); raises :class:`BackendUnavailable`. Default:
+        create the backend and ask it."""
+        return cls().runtime_info()
 
     def check_fingerprint(self, fp: EngineFingerprint) -> None:
         """Raise :class:`Rejected` (with a ``reason`` code) when an engine built for ``fp``
@@ -178,6 +188,8 @@ def check_signature_names(*, expected: ModelSignature, actual: ModelSignature) -
 
 def tensor_spec(name: str, dtype: str | np.dtype, shape: list[int] | tuple[int, ...]) -> TensorSpec:
     """Build a TensorSpec; ``None``/symbolic dimensions become -1."""
+    import numpy as np
+
     dims = [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
     return TensorSpec(name=name, dtype=np.dtype(dtype).name, shape=dims)
 
@@ -201,6 +213,25 @@ def backend_for(kind: str) -> EngineBackend:
     backend = getattr(module, class_name)()  # raises BackendUnavailable when the SDK is missing
     _BACKEND_CACHE[kind] = backend
     return backend
+
+
+def available_runtimes() -> list[RuntimeInfo]:
+    """``RuntimeInfo`` of every backend usable here (device facts in heartbeats), through
+    :meth:`EngineBackend.probe_runtime`: heavy SDKs stay unimported until an engine loads."""
+    found: list[RuntimeInfo] = []
+    for kind, target in BACKEND_CLASSES.items():
+        module_name, class_name = target.split(":")
+        try:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as e:
+                raise BackendUnavailable(kind, f"cannot import {module_name}: {e}") from e
+            found.append(getattr(module, class_name).probe_runtime())
+        except BackendUnavailable as e:
+            log.debug("backend %s unavailable: %s", kind, e)
+        except Exception as e:  # one broken backend must not hide the others
+            log.warning("runtime info of %s unavailable: %s", kind, e)
+    return found
 
 
 def available_backends() -> list[EngineBackend]:

@@ -18,12 +18,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from agent.runtime.base import LoadedEngine
 from protos.edgefleet.v1.common_pb2 import ModelSignature
 from protos.errors import Rejected
+
+if TYPE_CHECKING:  # numpy is imported when a batch runs (engines loaded it already)
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,8 @@ class DynamicBatcher:
             del self._open[group.key]
 
     def _run(self, group: _Group) -> None:
+        import numpy as np
+
         slots = group.slots
         try:
             if len(slots) == 1:

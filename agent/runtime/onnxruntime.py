@@ -5,32 +5,50 @@ Created by :func:`agent.runtime.base.backend_for`; used by the hot loader
 (:mod:`agent.runtime.registry`). Session options: intra-op threads are configurable via
 ``set_default_threads`` (the agent config ``runtime.intra_op_threads``, 0 = onnxruntime's
 choice) or the constructor.
+
+onnxruntime (and numpy) are imported when a backend is created, i.e. when the first engine
+is loaded, not when this module is imported: together they are ~30 MB of RSS that an agent
+without a model does not need. :meth:`_OrtBackend.probe_runtime` reports the version and
+execution providers for the device facts without importing onnxruntime.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import logging
 import os
 import queue
+import sys
 import threading
 from pathlib import Path
-from typing import Any, ClassVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from agent.runtime.base import EngineBackend, LoadedEngine, tensor_spec, version_tuple
 from protos.edgefleet.v1.common_pb2 import EngineFingerprint, ModelSignature, RuntimeInfo
 from protos.errors import BackendUnavailable, Rejected
 
-try:  # guarded: the agent extra installs onnxruntime, but a board may run another backend only
-    import onnxruntime as ort
-except ImportError as _e:  # pragma: no cover - onnxruntime is installed in CI
-    ort = None
-    _IMPORT_ERROR: ImportError | None = _e
-else:
-    _IMPORT_ERROR = None
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
+
+#: provider -> shared library an onnxruntime build ships for it (in ``onnxruntime/capi``);
+#: what :meth:`_OrtBackend.probe_runtime` looks for instead of importing onnxruntime
+PROVIDER_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "CUDAExecutionProvider": ("libonnxruntime_providers_cuda.so",
+                              "onnxruntime_providers_cuda.dll"),
+}
+
+
+def _import_ort(kind: str) -> Any:
+    """The onnxruntime module (imported on first use); BackendUnavailable when missing.
+    Guarded: the agent extra installs onnxruntime, but a board may run another backend only."""
+    try:
+        import onnxruntime
+    except ImportError as e:  # pragma: no cover - onnxruntime is installed in CI
+        raise BackendUnavailable(kind, f"onnxruntime is not installed ({e})") from e
+    return onnxruntime
 
 #: onnxruntime tensor type -> numpy dtype name
 ORT_TYPES: dict[str, str] = {
@@ -141,22 +159,45 @@ class OnnxRuntimeEngine(LoadedEngine):
 class _OrtBackend(EngineBackend):
     providers: ClassVar[list[str]] = ["CPUExecutionProvider"]
     toolchains = ("onnxruntime", "onnx")
+    accelerator: ClassVar[str] = ""   # RuntimeInfo.accelerator ("" = CPU)
 
     def __init__(self, *, intra_op_threads: int | None = None) -> None:
-        if ort is None:
-            raise BackendUnavailable(self.kind, f"onnxruntime is not installed ({_IMPORT_ERROR})")
+        ort = _import_ort(self.kind)
+        import numpy  # noqa: F401  (the serving path needs it; imported here, at load time)
+
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
         if missing:
             raise BackendUnavailable(self.kind, f"execution providers {missing} are not in "
                                                 f"this onnxruntime build")
+        self._ort = ort
         self._intra_op_threads = intra_op_threads
 
     def runtime_info(self) -> RuntimeInfo:
-        return RuntimeInfo(engine_kind=self.kind, version=ort.__version__,
-                           accelerator=self._accelerator())
+        return RuntimeInfo(engine_kind=self.kind, version=self._ort.__version__,
+                           accelerator=self.accelerator)
 
-    def _accelerator(self) -> str:
-        return ""
+    @classmethod
+    def probe_runtime(cls) -> RuntimeInfo:
+        """Version and accelerator of this backend, read from the installed onnxruntime
+        package's files without importing it (``capi/build_and_package_info.py``, and the
+        provider libraries of :data:`PROVIDER_LIBRARIES`). Falls back to importing it when
+        it is already imported or the files are not where a wheel puts them."""
+        if "onnxruntime" in sys.modules:
+            return cls().runtime_info()
+        spec = importlib.util.find_spec("onnxruntime")
+        if spec is None or not spec.submodule_search_locations:
+            raise BackendUnavailable(cls.kind, "onnxruntime is not installed")
+        capi = Path(next(iter(spec.submodule_search_locations))) / "capi"
+        version = _literal(capi / "build_and_package_info.py", "__version__")
+        if not version:
+            return cls().runtime_info()
+        for provider in cls.providers:
+            libs = PROVIDER_LIBRARIES.get(provider)
+            if libs and not any((capi / lib).is_file() for lib in libs):
+                raise BackendUnavailable(cls.kind, f"execution provider {provider} is not in "
+                                                   f"this onnxruntime build")
+        return RuntimeInfo(engine_kind=cls.kind, version=version,
+                           accelerator=cls.accelerator)
 
     def _check_fingerprint(self, fp: EngineFingerprint, info: RuntimeInfo) -> None:
         # An ONNX file built by a newer onnxruntime tool may use opsets this runtime lacks:
@@ -171,6 +212,7 @@ class _OrtBackend(EngineBackend):
                            f"{info.accelerator or 'cpu'}", reason="wrong_accelerator")
 
     def _session_options(self) -> Any:
+        ort = self._ort
         opts = ort.SessionOptions()
         threads = self._intra_op_threads
         if threads is None:
@@ -185,8 +227,8 @@ class _OrtBackend(EngineBackend):
         return opts
 
     def _load(self, path: Path, *, signature: ModelSignature | None) -> LoadedEngine:
-        session = ort.InferenceSession(str(path), sess_options=self._session_options(),
-                                       providers=self.providers)
+        session = self._ort.InferenceSession(str(path), sess_options=self._session_options(),
+                                             providers=self.providers)
         return OnnxRuntimeEngine(session)
 
 
@@ -203,6 +245,20 @@ class OnnxRuntimeCudaBackend(_OrtBackend):
     kind = "onnxruntime-cuda"
     also_runs = ("onnxruntime-cpu",)
     providers: ClassVar[list[str]] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    accelerator = "cuda"
 
-    def _accelerator(self) -> str:
-        return "cuda"
+
+def _literal(path: Path, name: str) -> str:
+    """The string assigned to ``name`` at the top level of the Python file ``path`` ("" when
+    unreadable or absent); the file is parsed, not executed."""
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            value = node.value
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                return value.value
+    return ""

@@ -25,8 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from agent.runtime.base import EngineBackend, LoadedEngine, backend_for
 from agent.runtime.batching import BatchingConfig, DynamicBatcher, check_batchable
@@ -35,6 +34,9 @@ from agent.telemetry.metrics import ServingStats
 from protos.edgefleet.v1.common_pb2 import EngineFingerprint, ModelSignature
 from protos.edgefleet.v1.device_pb2 import ServedModel
 from protos.errors import EdgefleetError, Rejected, RetryLater
+
+if TYPE_CHECKING:  # numpy comes with the first engine (backends import it), not at start
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -437,6 +439,8 @@ def _check_sha256(path: Path, expected: str) -> None:
 
 def synthetic_inputs(signature: ModelSignature, *, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs matching ``signature``: dynamic dims -> 1, floats ~ N(0, 1), ints/bool zeros."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for spec in signature.inputs:
@@ -452,6 +456,8 @@ def synthetic_inputs(signature: ModelSignature, *, seed: int = 0) -> dict[str, n
 def smoke_check(engine: LoadedEngine, *, expected: ModelSignature, runs: int = 3) -> None:
     """Warm ``engine`` up with ``runs`` inferences and check names, dtypes, ranks/static dims
     and finiteness of the outputs. Raises :class:`Rejected` (reason ``smoke_check_failed``)."""
+    import numpy as np
+
     for i in range(runs):
         inputs = synthetic_inputs(engine.signature, seed=i)
         try:

@@ -20,13 +20,14 @@ import logging
 import threading
 from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from agent.runtime.base import EngineBackend, LoadedEngine, version_tuple
 from protos.edgefleet.v1.common_pb2 import EngineFingerprint, ModelSignature, RuntimeInfo
 from protos.errors import BackendUnavailable, Rejected
+
+if TYPE_CHECKING:  # numpy is imported when an engine loads, not at agent start
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class RknnEngine(LoadedEngine):
         self._closed = False
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import numpy as np
+
         ordered = [np.ascontiguousarray(inputs[t.name]) for t in self.signature.inputs]
         with self._lock:
             if self._closed:

@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from agent.runtime.base import EngineBackend, LoadedEngine, tensor_spec, version_tuple
 from protos.edgefleet.v1.common_pb2 import EngineFingerprint, ModelSignature, RuntimeInfo
 from protos.errors import BackendUnavailable, Rejected
+
+if TYPE_CHECKING:  # numpy is imported when an engine loads, not at agent start
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class TensorRTEngine(LoadedEngine):
         self._lock = threading.Lock()
         self._inputs: list[str] = []
         self._outputs: list[str] = []
+        import numpy as np
+
         self._dtypes: dict[str, np.dtype] = {}
         specs_in, specs_out = [], []
         for i in range(engine.num_io_tensors):
@@ -112,6 +115,8 @@ class TensorRTEngine(LoadedEngine):
         self._closed = False
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import numpy as np
+
         with self._lock:
             if self._closed:
                 raise RuntimeError("engine is closed")

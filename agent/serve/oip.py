@@ -22,31 +22,46 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from agent.runtime.registry import ModelNotFound, ModelRegistry
 from agent.serve.http import Request, Response, error_response, json_response
 from protos.edgefleet.v1.common_pb2 import ModelSignature
 from protos.errors import EdgefleetError, Rejected, RetryLater
 
+if TYPE_CHECKING:
+    import numpy as np
+
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "edgefleet-agent"
 SERVER_VERSION = "0.1.0"
 
-#: OIP datatype -> numpy dtype
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype("bool"), "UINT8": np.dtype("uint8"), "UINT16": np.dtype("uint16"),
-    "UINT32": np.dtype("uint32"), "UINT64": np.dtype("uint64"), "INT8": np.dtype("int8"),
-    "INT16": np.dtype("int16"), "INT32": np.dtype("int32"), "INT64": np.dtype("int64"),
-    "FP16": np.dtype("float16"), "FP32": np.dtype("float32"), "FP64": np.dtype("float64"),
+#: OIP datatype -> numpy dtype name
+DATATYPE_NAMES: dict[str, str] = {
+    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
+    "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+    "FP16": "float16", "FP32": "float32", "FP64": "float64",
 }
-DTYPE_NAMES: dict[str, str] = {dt.name: name for name, dt in DATATYPES.items()}
-#: numpy dtype -> OIP datatype (dtype objects as keys: ``dtype.name`` is slow per request)
-DTYPE_TO_OIP: dict[np.dtype, str] = {dt: name for name, dt in DATATYPES.items()}
+#: numpy dtype name -> OIP datatype
+DTYPE_NAMES: dict[str, str] = {dt: name for name, dt in DATATYPE_NAMES.items()}
 _LITTLE = sys.byteorder == "little"
+_TABLES: tuple[Any, dict[str, np.dtype], dict[np.dtype, str]] | None = None
+
+
+def _numpy() -> tuple[Any, dict[str, np.dtype], dict[np.dtype, str]]:
+    """numpy, OIP datatype -> dtype, and dtype -> OIP datatype (dtype objects as keys:
+    ``dtype.name`` is slow per request). Built on first use, not at import: the server
+    starts with the agent, numpy only comes with the first engine (the backend imports it
+    while activating, so a request finds it loaded)."""
+    global _TABLES
+    tables = _TABLES
+    if tables is None:
+        import numpy as np
+
+        datatypes = {name: np.dtype(dt) for name, dt in DATATYPE_NAMES.items()}
+        tables = _TABLES = (np, datatypes, {dt: name for name, dt in datatypes.items()})
+    return tables
 
 
 class BadRequest(Exception):
@@ -54,7 +69,11 @@ class BadRequest(Exception):
 
 
 def _datatype(dtype: str) -> str:
-    return DTYPE_NAMES.get(np.dtype(dtype).name, "BYTES")
+    name = DTYPE_NAMES.get(dtype)
+    if name is None:  # not a canonical numpy name (signatures use canonical ones)
+        np = _numpy()[0]
+        name = DTYPE_NAMES.get(np.dtype(dtype).name, "BYTES")
+    return name
 
 
 class OipApp:
@@ -179,8 +198,9 @@ def _decode_inputs(header: dict[str, Any], binary: memoryview,
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("'inputs' must be a non-empty list")
+    np, datatypes, _ = _numpy()
     specs = {t.name: t for t in signature.inputs}
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}  # arrays
     offset = 0
     for item in raw_inputs:
         if not isinstance(item, dict):
@@ -193,10 +213,10 @@ def _decode_inputs(header: dict[str, Any], binary: memoryview,
         if not isinstance(shape, list) or not all(
                 isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
-        dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
+        dtype = datatypes.get(datatype) if isinstance(datatype, str) else None
         if dtype is None:
             raise BadRequest(f"input {name!r}: unsupported datatype {datatype!r} "
-                             f"(supported: {sorted(DATATYPES)})")
+                             f"(supported: {sorted(datatypes)})")
         spec = specs[name]
         if spec.dtype and DTYPE_NAMES.get(spec.dtype) != datatype:
             raise BadRequest(f"input {name!r} is {datatype}, the model expects "
@@ -259,11 +279,12 @@ def _encode_outputs(header: dict[str, Any], outputs: dict[str, np.ndarray], *, m
             binary = oparams.get("binary_data", default_binary) if isinstance(oparams, dict) \
                 else default_binary
             wanted.append((item["name"], bool(binary)))
+    np, _, dtype_to_oip = _numpy()
     out_json: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, binary in wanted:
         arr = np.ascontiguousarray(outputs[name])
-        entry: dict[str, Any] = {"name": name, "datatype": DTYPE_TO_OIP.get(arr.dtype, "BYTES"),
+        entry: dict[str, Any] = {"name": name, "datatype": dtype_to_oip.get(arr.dtype, "BYTES"),
                                  "shape": list(arr.shape)}
         if binary:
             if not _LITTLE or arr.dtype.byteorder == ">":  # the wire format is little-endian
