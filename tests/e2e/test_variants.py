@@ -76,7 +76,10 @@ async def test_rollout_ships_light_variant_and_thermal_switches(mosquitto: Broke
             tmp_path / "agents", "board-1", device_class=local_device_class(),
             mqtt_host=mosquitto.host, mqtt_port=mosquitto.port,
             root_public_key_b64=fleet.ctrl.keys.root_public_b64(), heartbeat_interval_s=0.5,
-            extra={"thermal": {"zones_root": str(zones), "interval_s": 0.2}})
+            # CPU never throttles (this machine's CPU is busy with the test itself): only
+            # the fake zone drives the policy
+            extra={"thermal": {"zones_root": str(zones), "interval_s": 0.2,
+                               "throttle_cpu_percent": 101.0, "recover_cpu_percent": 100.0}})
         agent.start()
         fleet.agents.append(agent)
         await wait_for(lambda: _device(fleet, lambda d: d["online"]), timeout_s=60,
