@@ -4,7 +4,9 @@ with ``--agent-config``, of the full ``edgefleet-agent run --config FILE``). ``-
 also measures the real ``edgefleet-agent run --config`` process against a local Mosquitto
 (needs ``mosquitto``): idle with no model, then after the digits model arrived by a signed
 OTA update (the test OTA driver plays the controller), with the default allocator settings
-and with ``MALLOC_ARENA_MAX=2`` (as the systemd unit sets it).
+and with ``MALLOC_ARENA_MAX=2`` (as the systemd unit sets it). For the OTA case it also
+times the first inference request after the update committed against the next ones (the
+agent imports numpy/onnxruntime while activating the first engine, not in a request).
 
 Each case runs in a fresh child process; after it is ready and has settled, RSS (and USS
 where readable) is read and CPU time is measured over ``--idle-s`` seconds of idleness.
@@ -16,14 +18,17 @@ Target: < 60 MB idle RSS. Writes bench/results/agent_footprint.json.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -65,6 +70,29 @@ def _sample(pid: int, *, idle_s: float) -> dict:
             "idle_cpu_percent": round((cpu1 - cpu0) / idle_s * 100, 2)}
 
 
+def _request_times(serve_url: str, *, count: int = 21) -> dict:
+    """Wall time of ``count`` digits inference requests in a row (JSON, a new connection
+    each, as a first client would): the first one, and the median of the others."""
+    from controller.models.digits import INPUT_NAME
+
+    where = urlsplit(serve_url)
+    body = json.dumps({"inputs": [{"name": INPUT_NAME, "shape": [1, 1, 8, 8],
+                                   "datatype": "FP32", "data": [0.0] * 64}]}).encode()
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        conn = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port, timeout=30)
+        conn.request("POST", "/v2/models/digits/infer", body=body)
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        if resp.status != 200:
+            raise RuntimeError(f"inference answered {resp.status}")
+        times.append((time.perf_counter() - started) * 1000)
+    return {"first_request_ms": round(times[0], 2),
+            "next_requests_p50_ms": round(statistics.median(times[1:]), 2)}
+
+
 def _full_agent(digits: Path, *, idle_s: float, settle_s: float, env_extra: dict[str, str]
                 ) -> dict[str, dict]:
     """The real agent process: idle without a model, then with digits delivered by OTA."""
@@ -91,8 +119,9 @@ def _full_agent(digits: Path, *, idle_s: float, settle_s: float, env_extra: dict
         rows = {"no model": _sample(proc.pid, idle_s=idle_s)}
         offer = driver.offer("digits", 1, digits.read_bytes())
         driver.wait_status(offer.update_id, C.UPDATE_STATE_COMMITTED, timeout_s=120)
+        latency = _request_times(driver.last_heartbeat().serve_url)
         time.sleep(settle_s)
-        rows["digits model (OTA)"] = _sample(proc.pid, idle_s=idle_s)
+        rows["digits model (OTA)"] = {**_sample(proc.pid, idle_s=idle_s), **latency}
         return rows
     finally:
         if proc is not None:
@@ -166,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in rows.items():
         print(f"{name:60s} {row['rss_mb']:8.1f} {row['uss_mb'] or 0:8.1f} {row['threads']:8d} "
               f"{row['idle_cpu_percent']:11.2f}")
+    timed = {name: row for name, row in rows.items() if "first_request_ms" in row}
+    if timed:
+        print(f"\n{'requests right after the OTA update':60s} {'first ms':>8s} {'next p50':>8s}")
+        for name, row in timed.items():
+            print(f"{name:60s} {row['first_request_ms']:8.2f} "
+                  f"{row['next_requests_p50_ms']:8.2f}")
     return 0
 
 
