@@ -223,8 +223,10 @@ def env(tmp_path: Path, mosquitto: Broker) -> Iterator[Env]:
         "keys_dir": str(tmp_path / "keys"),
         "mqtt_host": mosquitto.host, "mqtt_port": mosquitto.port, "mqtt_tls": False,
         "compile_in_process_pool": False, "progress_requeue_s": 0.3,
-        "leader_election": {"lease_duration_s": 2, "renew_deadline_s": 1.5,
-                            "retry_period_s": 0.2},
+        # generous enough that a busy 2-core CI machine never loses the lease by accident;
+        # failover after the SIGKILL waits for expiry, a few seconds
+        "leader_election": {"lease_duration_s": 5, "renew_deadline_s": 3.5,
+                            "retry_period_s": 0.3},
     }))
     e = Env(tmp_path, kube, kube.write_kubeconfig(tmp_path / "kubeconfig"), mosquitto,
             config, f"sqlite:///{tmp_path / 'data' / 'edgefleet.db'}")
