@@ -312,6 +312,8 @@ class ClusterController:
         """The cached EdgeModel; while it compiles (models and rollouts are reconciled
         concurrently) its engines are not final, so the rollout waits for them."""
         obj = self._cached("EdgeModel", namespace, name)
+        if obj is not None and (obj.get("metadata") or {}).get("deletionTimestamp"):
+            return None          # being deleted: its rollouts report ModelNotFound
         status = (obj or {}).get("status") or {}
         if obj is not None and status.get("phase") == "Compiling":
             return {**obj, "status": {**status, "engines": []}}
@@ -323,6 +325,29 @@ class ClusterController:
         ctx = dataclasses.replace(self.core.rollout_context(), get_model=self._model_for_rollout)
         status = await reconcile_rollout(obj, ctx)
         return dict(_drop_nulls(rollout_status_for_cluster(status)))
+
+    # -- finalizers (controller.reconcile.cleanup, shared with the embedded mode) ----------
+    def _cleanup_context(self) -> Any:
+        from controller.reconcile.cleanup import CleanupContext
+
+        def rollouts() -> list[dict[str, Any]]:
+            cache = self.source.cache if self.source is not None else {}
+            return [o for k, o in list(cache.items()) if k[0] == "EdgeRollout"
+                    and not (o.get("metadata") or {}).get("deletionTimestamp")]
+
+        return CleanupContext(db=self.core.db, keys=self.core.keys,
+                              publisher=self.core.publisher, list_rollouts=rollouts,
+                              requeue_rollouts=self._requeue_rollouts)
+
+    async def _finalize_rollout(self, obj: dict[str, Any]) -> None:
+        from controller.reconcile.cleanup import finalize_rollout
+
+        await finalize_rollout(obj, self._cleanup_context())
+
+    async def _finalize_model(self, obj: dict[str, Any]) -> None:
+        from controller.reconcile.cleanup import finalize_model
+
+        await finalize_model(obj, self._cleanup_context())
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -347,7 +372,9 @@ class ClusterController:
         try:
             loop = asyncio.get_running_loop()
             rec = LoopReconciler(loop, reconcilers={"EdgeModel": self._reconcile_model,
-                                                    "EdgeRollout": self._reconcile_rollout})
+                                                    "EdgeRollout": self._reconcile_rollout},
+                                 finalizers={"EdgeModel": self._finalize_model,
+                                             "EdgeRollout": self._finalize_rollout})
             self.elector = LeaderElector(
                 lease_client, name=o.lease_name, namespace=o.lease_namespace,
                 identity=o.identity, lease_duration_s=o.lease_duration_s,

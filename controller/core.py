@@ -11,12 +11,15 @@ Started by ``edgefleet up`` (controller.cli, with the API beside it) and by test
 It owns one aiomqtt (MQTT 5) connection (reconnecting), routes device messages to the
 ingest, publishes the root-signed key list, and runs a level-triggered reconcile loop
 (every ``resync_s`` and at once after a change) that calls controller.reconcile.models and
-controller.reconcile.rollouts and writes their status into the Resource table.
+controller.reconcile.rollouts and writes their status into the Resource table. ``delete``
+marks a row deleted; the loop then runs controller.reconcile.cleanup's finalizer for it and
+removes the row (a crash in between finalizes again: the finalizers are idempotent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import copy
 import logging
@@ -37,6 +40,7 @@ from controller.fleet.models import Event, Resource
 from controller.ota.keys import KeyStore
 from controller.ota.planner import DeltaPlanner
 from controller.ota.publisher import Publisher
+from controller.reconcile.cleanup import CleanupContext, finalize_model, finalize_rollout
 from controller.reconcile.models import ModelContext, reconcile_model
 from controller.reconcile.rollouts import RolloutContext, reconcile_rollout
 from controller.settings import Settings
@@ -96,6 +100,7 @@ class ControllerCore:
         self._tasks: list[asyncio.Task[None]] = []
         self._running: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._compile_failures: dict[str, str] = {}
+        self._finalizing: set[asyncio.Task[None]] = set()   # finalize tasks in _running
         # controller.builder.BuildDispatcher, set by whoever starts one (remote TensorRT builds)
         self.build_dispatcher: Any = None
         self.reconcile_count = 0
@@ -327,6 +332,44 @@ class ControllerCore:
                               get_model=lambda ns, n: self.get("EdgeModel", ns, n),
                               requeue_after=self.kick_after)
 
+    def cleanup_context(self) -> CleanupContext:
+        return CleanupContext(db=self.db, keys=self.keys, publisher=self.publisher,
+                              list_rollouts=lambda: self.list("EdgeRollout"),
+                              requeue_rollouts=self.kick)
+
+    def _deleted(self) -> builtins.list[dict[str, Any]]:
+        with session_scope(self.db) as s:
+            rows = s.exec(select(Resource).where(col(Resource.deleted_ms).is_not(None))
+                          .order_by(Resource.id)).all()
+            return [resource_dict(r) for r in rows]
+
+    async def _finalize_one(self, res: dict[str, Any],
+                            previous: asyncio.Task[None] | None) -> None:
+        """Run the deleted resource's finalizer (after its reconcile, cancelled), then
+        remove its row; on failure the row stays and the next pass tries again."""
+        kind, md = res["kind"], res["metadata"]
+        if previous is not None and not previous.done():
+            previous.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await previous
+        try:
+            if kind == "EdgeRollout":
+                await finalize_rollout(res, self.cleanup_context())
+            elif kind == "EdgeModel":
+                await finalize_model(res, self.cleanup_context())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("finalizing %s %s failed (retried): %s", kind, md.get("name"), e)
+            self.kick_after(self.settings.mqtt_reconnect_s)
+            return
+        with session_scope(self.db) as s:
+            row = s.exec(select(Resource).where(Resource.uid == md["uid"])).first()
+            if row is not None:
+                s.delete(row)
+        log.info("%s %s deleted and finalized", kind, md.get("name"))
+        self.kick()       # a re-applied one of the same name may go on
+
     async def _reconcile_loop(self) -> None:
         while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -335,6 +378,16 @@ class ControllerCore:
             if self._stopping:
                 return
             try:
+                for res in self._deleted():
+                    md = res["metadata"]
+                    key = (res["kind"], md.get("namespace", ""), md["name"])
+                    task = self._running.get(key)
+                    if task is not None and not task.done() and task in self._finalizing:
+                        continue
+                    self._finalizing.discard(task)  # type: ignore[arg-type]
+                    ftask = asyncio.create_task(self._finalize_one(res, task))
+                    self._finalizing.add(ftask)
+                    self._running[key] = ftask
                 for res in self.list():
                     md = res["metadata"]
                     key = (res["kind"], md.get("namespace", ""), md["name"])

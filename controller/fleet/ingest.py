@@ -59,6 +59,8 @@ def allowed_transition(old: DeviceRolloutState, new: DeviceRolloutState) -> bool
     """
     if old in (DeviceRolloutState.FAILED, DeviceRolloutState.ROLLED_BACK):
         return False
+    if old == DeviceRolloutState.CANCELLED:   # rollout deleted: only a final word counts
+        return new in TERMINAL
     if old == DeviceRolloutState.COMMITTED:
         return new == DeviceRolloutState.ROLLED_BACK
     return True

@@ -39,6 +39,7 @@ class DeviceRolloutState(str, Enum):
     COMMITTED = "committed"      # device serves the target
     ROLLED_BACK = "rolled_back"
     FAILED = "failed"
+    CANCELLED = "cancelled"      # its rollout was deleted before it finished
 
 
 class Resource(SQLModel, table=True):

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from controller.fleet.db import session_scope
-from controller.fleet.models import Delta, DeviceRollout
+from controller.fleet.models import Delta, DeviceRollout, DeviceRolloutState
 from controller.settings import Settings
 from controller.store import ArtifactStore
 from protos import topics
@@ -140,6 +140,8 @@ class Publisher:
         # rollouts with spec.maxBytesPerSecond: their own bucket, queue and sender task, so a
         # slow rollout never holds the shared workers
         self.lanes: dict[str, _Lane] = {}
+        # update ids of deleted rollouts: their ChunkRequests are refused
+        self.cancelled: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self, client: Any) -> None:
@@ -182,6 +184,17 @@ class Publisher:
             lane.rate = rate
             lane.bucket.set_rate(rate, burst)
 
+    def forget_rollout(self, rollout: str, update_ids: set[str]) -> None:
+        """The rollout was deleted: refuse chunks for its update ids and drop its lane
+        (queued jobs are dropped too). Called by controller.reconcile.cleanup."""
+        ids = set(update_ids) | {u for u, i in self.offers.items() if i.rollout == rollout}
+        for u in ids:
+            self.offers.pop(u, None)
+        self.cancelled |= ids
+        lane = self.lanes.pop(rollout, None)
+        if lane is not None and lane.task is not None:
+            lane.task.cancel()
+
     def rollout_bucket(self, rollout: str) -> TokenBucket | None:
         """The per-rollout bucket of ``rollout`` (None when it has no maxBytesPerSecond)."""
         lane = self.lanes.get(rollout)
@@ -205,6 +218,7 @@ class Publisher:
                             info: OfferInfo) -> None:
         """Publish a signed offer retained on the device's offer topic."""
         self.offers[info.update_id] = info
+        self.cancelled.discard(info.update_id)      # a re-applied rollout offers it again
         await self._publish(topics.device_topic(device_id, topics.OFFER),
                             env.SerializeToString(deterministic=True), retain=True)
 
@@ -229,6 +243,9 @@ class Publisher:
             return self._reject(device_id, f"request names device {req.device_id[:64]!r}")
         info = self._offer(req.update_id)
         if info is None:
+            if req.update_id in self.cancelled:
+                return self._reject(device_id, f"update {req.update_id} was cancelled "
+                                               "(its rollout was deleted)")
             return self._reject(device_id, f"unknown update_id {req.update_id[:64]!r}")
         if info.device_id != device_id:
             return self._reject(device_id, f"update {req.update_id} was offered to another "
@@ -265,7 +282,7 @@ class Publisher:
         log.warning("ignored chunk request from device %s: %s", device_id, reason)
 
     def _offer(self, update_id: str) -> OfferInfo | None:
-        if not update_id or len(update_id) > 128:
+        if not update_id or len(update_id) > 128 or update_id in self.cancelled:
             return None
         info = self.offers.get(update_id)
         if info is not None:
@@ -275,6 +292,9 @@ class Publisher:
             row = s.exec(select(DeviceRollout).where(
                 DeviceRollout.update_id == update_id)).first()
             if row is None or not row.target_sha256:
+                return None
+            if row.state == DeviceRolloutState.CANCELLED:
+                self.cancelled.add(update_id)
                 return None
             payload_sha = ""
             for d in s.exec(select(Delta).where(Delta.target_sha256 == row.target_sha256,
@@ -311,6 +331,8 @@ class Publisher:
 
     async def _send(self, job: _Job, rollout_bucket: TokenBucket | None = None) -> None:
         info = job.info
+        if info.update_id in self.cancelled:
+            return                  # queued before its rollout was deleted
         topic = topics.device_topic(info.device_id, topics.CHUNK)
         sent = 0
         try:

@@ -37,9 +37,9 @@ from protos.errors import RetryLater
 log = logging.getLogger(__name__)
 
 FINISHED = {DeviceRolloutState.COMMITTED, DeviceRolloutState.FAILED,
-            DeviceRolloutState.ROLLED_BACK}
+            DeviceRolloutState.ROLLED_BACK, DeviceRolloutState.CANCELLED}
 NOT_DESIRED = {DeviceRolloutState.PENDING, DeviceRolloutState.FAILED,
-               DeviceRolloutState.ROLLED_BACK}
+               DeviceRolloutState.ROLLED_BACK, DeviceRolloutState.CANCELLED}
 _BATCH = 500
 
 

@@ -165,6 +165,7 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
         rows = {r.device_id: r for r in s.exec(select(DeviceRollout).where(
             DeviceRollout.rollout == key, DeviceRollout.version == version,
             DeviceRollout.variant == "")).all()}
+        _restart_cancelled(s, rows.values(), now)
         current = _first_open_wave(rows, waves, now) if rows else 0
         for pos, dev_id in enumerate(targets):
             if dev_id in rows:
@@ -226,6 +227,14 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
     return _status(rows, waves, gen=gen, prev=prev, now=now, phase=phase, message=message,
                    current_wave=current_wave, version=version, unsupported=unsupported,
                    variant_rows=vrows)
+
+
+def _restart_cancelled(s: Any, rows: Any, now: int) -> None:
+    """Rows cancelled when a rollout of this name was deleted start over (re-applied)."""
+    for r in rows:
+        if r.state == DeviceRolloutState.CANCELLED:
+            r.state, r.reason, r.updated_ms = DeviceRolloutState.PENDING, "rollout re-applied", now
+            s.add(r)
 
 
 def _first_open_wave(rows: dict[str, DeviceRollout], waves: list[dict[str, Any]],
@@ -367,6 +376,7 @@ async def _sync_variants(ctx: RolloutContext, rows: dict[str, DeviceRollout],
         have = {(r.device_id, r.variant): r for r in s.exec(select(DeviceRollout).where(
             DeviceRollout.rollout == p.key, DeviceRollout.version == p.version,
             DeviceRollout.variant != "")).all()}
+        _restart_cancelled(s, have.values(), now)
         for dev_id, main in rows.items():
             dev = devices.get(dev_id)
             if main.state != DeviceRolloutState.COMMITTED or dev is None:
