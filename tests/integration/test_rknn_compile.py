@@ -19,7 +19,7 @@ RK = get_device_class("rk3588")
 @pytest.fixture(scope="module", autouse=True)
 def _need_venv() -> None:
     if rknn_python() is None:
-        msg = f"RKNN worker venv absent at {rknn_venv()}: run scripts/rknn-env.sh"
+        msg = f"RKNN worker venv absent at {rknn_venv()}: `make test-rknn` builds it and runs these"
         print(f"SKIP: {msg}")
         pytest.skip(msg)
 
