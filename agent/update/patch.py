@@ -2,21 +2,20 @@
 
 ``full`` payloads that are the raw engine are copied; deltas (bsdiff4, tensor-xor) and
 zstd-compressed full payloads (``EFDL`` container) go through :func:`protos.codecs.apply`
-against the base engine held in a slot. Either way the output's size and sha256
-are checked against the signed manifest before the caller renames it into a slot.
+against the base engine held in a slot, which writes the output atomically and only after
+its sha256 equals the manifest's target; the raw copy is hashed while it is written. Either
+way the output is checked against the signed manifest before the caller renames it into a slot.
 Called by :mod:`agent.update.manager` in state PATCHING.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from agent.update.verify import VerifiedUpdate
+from protos.codecs.container import MAGIC as CONTAINER_MAGIC
 from protos.errors import EdgefleetError, GiveUp, Rejected
-from protos.fsutil import copy_hashing, sha256_file
-
-CONTAINER_MAGIC = b"EFDL"  # protos.codecs.container.MAGIC
+from protos.fsutil import copy_hashing
 
 
 def build_target(vu: VerifiedUpdate, payload: Path, *, out: Path, base: Path | None) -> None:
@@ -24,7 +23,7 @@ def build_target(vu: VerifiedUpdate, payload: Path, *, out: Path, base: Path | N
     m = vu.manifest
     if m.codec == "full" and not _is_container(payload):
         # the controller ships a full engine as the raw file (payload == target)
-        digest = _copy_checked(payload, out, limit=m.target_size)
+        _check_target(vu, out, digest=_copy_checked(payload, out, limit=m.target_size))
     else:
         if base is None and m.codec != "full":
             raise Rejected(f"delta base {m.base_sha256[:12]} is not on this device",
@@ -42,9 +41,12 @@ def build_target(vu: VerifiedUpdate, payload: Path, *, out: Path, base: Path | N
             raise GiveUp(f"out of memory applying {m.codec} delta", reason="out_of_memory") from e
         except Exception as e:  # codec libraries raise their own types on corrupt input
             raise Rejected(f"{m.codec} delta does not apply: {e}", reason="patch_failed") from e
-        with open(out, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(out)
+        # apply() has fsynced ``out`` and checked its sha256 against target_sha256: no re-read
+
+
+def _check_target(vu: VerifiedUpdate, out: Path, *, digest: str) -> None:
+    """Rejected unless ``out`` has the manifest's target size and ``digest`` its sha256."""
+    m = vu.manifest
     size = out.stat().st_size
     if size != m.target_size:
         raise Rejected(f"patched engine has {size} bytes, manifest says {m.target_size}",
