@@ -28,7 +28,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 import zstandard
 
@@ -108,44 +107,12 @@ def _child(mode: str, *args: str, timeout_s: float) -> dict[str, Any]:
     return res
 
 
-def _mlp(sizes: list[int], *, seed: int = 0) -> Any:
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    inits, nodes, prev = [], [], "x"
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
-        inits += [numpy_helper.from_array(rng.normal(0, 0.05, (a, b)).astype(np.float32), f"l{i}.w"),
-                  numpy_helper.from_array(rng.normal(0, 0.01, b).astype(np.float32), f"l{i}.b")]
-        nodes += [helper.make_node("MatMul", [prev, f"l{i}.w"], [f"m{i}"]),
-                  helper.make_node("Add", [f"m{i}", f"l{i}.b"], [f"a{i}"])]
-        prev = f"a{i}"
-        if i < len(sizes) - 2:
-            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
-            prev = f"r{i}"
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, sizes[0]])],
-        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, sizes[-1]])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _perturb(model: Any, *, only: str | None, seed: int = 1) -> Any:
-    import onnx
-    from onnx import numpy_helper
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    rng = np.random.default_rng(seed)
-    for init in m.graph.initializer:
-        if only is None or init.name.startswith(only):
-            a = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array(
-                (a * (1 + rng.normal(0, 1e-3, a.shape))).astype(np.float32), init.name))
-    return m
-
-
 def build_pairs(work: Path, *, silero: bool) -> list[tuple[str, Path, Path]]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from tests.helpers.models import fine_tuned as _perturb
+    from tests.helpers.models import layered_mlp as _mlp
 
     base = _mlp(SIZES)
     old = work / "base.onnx"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from protos.errors import Rejected
+from protos.fsutil import sha256_file
 
 MAGIC = b"EFDL"
 VERSION = 1
@@ -85,11 +86,7 @@ def file_sha256(path: Path, *, memo: bool = False) -> str:
                 _SHA_MEMO.clear()
             _SHA_MEMO[key] = file_sha256(path)
         return _SHA_MEMO[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(READ_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def check_header(header: Header, *, codec: str, old: Path | None, max_output_bytes: int,

@@ -4,6 +4,8 @@
 matmul; with zero inputs the output is exactly ``marker``, so a response tells which version
 answered. ``build_nan``: always outputs NaN (fails the smoke check). ``build_mlp``: a dense
 model of roughly ``size_mb`` megabytes of weights (for hot-swap/RSS benchmarks).
+``layered_mlp`` / ``fine_tuned``: an MLP with named per-layer tensors and a copy with every
+(or one layer's) weight x (1 + N(0, 1e-3)) (delta codec tests and the OTA delta benchmark).
 Also ``fingerprint()`` and ``sha256_file()`` helpers, ``activate_file()`` to put a model
 into a registry in one call, and ``digits_assets()`` (the compile tests' digits CNN, validation
 samples and quantisation-hostile model).
@@ -105,3 +107,38 @@ def digits_assets(folder: Path, *, n_validation: int) -> dict[str, Path]:
     return {"cnn": digits.build_digits_cnn(folder / "cnn.onnx"),
             "val": digits.build_validation_samples(folder / "val.npz", n=n_validation),
             "hostile": digits.build_quant_hostile(folder / "hostile.onnx")}
+
+
+def layered_mlp(sizes: list[int], *, seed: int = 0, prefix: str = "l") -> onnx.ModelProto:
+    """MatMul+Add(+Relu) layers ``{prefix}{i}.w`` / ``{prefix}{i}.b`` of the given widths."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
+        inits += [numpy_helper.from_array(rng.normal(0, 0.05, (a, b)).astype(np.float32),
+                                          f"{prefix}{i}.w"),
+                  numpy_helper.from_array(rng.normal(0, 0.01, b).astype(np.float32),
+                                          f"{prefix}{i}.b")]
+        nodes += [helper.make_node("MatMul", [prev, f"{prefix}{i}.w"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"{prefix}{i}.b"], [f"a{i}"])]
+        prev = f"a{i}"
+        if i < len(sizes) - 2:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
+            prev = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, sizes[0]])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, sizes[-1]])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def fine_tuned(model: onnx.ModelProto, *, only: str | None = None, seed: int = 1
+               ) -> onnx.ModelProto:
+    """A copy with each initializer (those named ``only*`` when given) x (1 + N(0, 1e-3))."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    rng = np.random.default_rng(seed)
+    for init in m.graph.initializer:
+        if only is None or init.name.startswith(only):
+            a = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(
+                (a * (1 + rng.normal(0, 1e-3, a.shape))).astype(np.float32), init.name))
+    return m

@@ -7,45 +7,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from protos.codecs import CODECS, apply, make, plan, read_delta_header
 from protos.codecs.container import file_sha256
 from protos.errors import GiveUp, Rejected
-
-
-def _mlp(sizes: list[int], *, seed: int = 0, prefix: str = "l") -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    inits, nodes, prev = [], [], "x"
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
-        w = rng.normal(0, 0.05, (a, b)).astype(np.float32)
-        bias = rng.normal(0, 0.01, b).astype(np.float32)
-        inits += [numpy_helper.from_array(w, f"{prefix}{i}.w"),
-                  numpy_helper.from_array(bias, f"{prefix}{i}.b")]
-        nodes += [helper.make_node("MatMul", [prev, f"{prefix}{i}.w"], [f"m{i}"]),
-                  helper.make_node("Add", [f"m{i}", f"{prefix}{i}.b"], [f"a{i}"])]
-        prev = f"a{i}"
-        if i < len(sizes) - 2:
-            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
-            prev = f"r{i}"
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, sizes[0]])],
-        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, sizes[-1]])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _perturb(model: onnx.ModelProto, *, only: str | None = None, seed: int = 1) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    rng = np.random.default_rng(seed)
-    for init in m.graph.initializer:
-        if only is not None and not init.name.startswith(only):
-            continue
-        a = numpy_helper.to_array(init)
-        noisy = (a * (1 + rng.normal(0, 1e-3, a.shape))).astype(np.float32)
-        init.CopyFrom(numpy_helper.from_array(noisy, init.name))
-    return m
-
+from tests.helpers.models import fine_tuned as _perturb
+from tests.helpers.models import layered_mlp as _mlp
 
 SIZES = [64, 256, 256, 10]
 
