@@ -14,7 +14,6 @@ import http.client
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.config import ConfigError, config_from_dict
 from protos.edgefleet.v1 import common_pb2 as C
 from tests.helpers.broker import Broker, free_port, mosquitto_path, start_mosquitto
+from tests.helpers.concurrency import run_together
 from tests.helpers.models import _save, build_mlp
 from tests.helpers.ota import OtaDriver, agent_config, stop_agent, write_config
 
@@ -102,26 +102,8 @@ def _concurrent_round(port: int, session: ort.InferenceSession, inputs: list[np.
                       version: int) -> int:
     """One request per input, all released at once; every answer is checked against
     onnxruntime run on that request alone. Returns the rows sent."""
-    barrier = threading.Barrier(len(inputs))
-    results: list[tuple[int, dict] | None] = [None] * len(inputs)
-    errors: list[BaseException] = []
-
-    def one(i: int) -> None:
-        try:
-            barrier.wait(30)
-            results[i] = _infer(port, "mlp", inputs[i])
-        except BaseException as e:  # asserted below
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
-    for result, x in zip(results, inputs, strict=True):
-        assert result is not None
-        status, payload = result
+    results = run_together([lambda x=x: _infer(port, "mlp", x) for x in inputs])
+    for (status, payload), x in zip(results, inputs, strict=True):
         assert status == 200, payload
         assert payload["model_version"] == str(version)
         out = payload["outputs"][0]

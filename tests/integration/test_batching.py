@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.runtime.registry import ModelRegistry
 from agent.serve import ServerHandle, start_server
 from protos.errors import Rejected
+from tests.helpers.concurrency import run_together
 from tests.helpers.models import _save, activate_file, build_affine, build_mlp
 
 CLIENTS = 8
@@ -46,25 +46,7 @@ def _concurrent(reg: ModelRegistry, handle: ServerHandle, inputs: list[np.ndarra
 
 
 def _send_all(handle: ServerHandle, inputs: list[np.ndarray]) -> list[tuple[int, dict]]:
-    barrier = threading.Barrier(len(inputs))
-    results: list[tuple[int, dict] | None] = [None] * len(inputs)
-    errors: list[BaseException] = []
-
-    def one(i: int) -> None:
-        try:
-            barrier.wait(30)
-            results[i] = _infer(handle.port, inputs[i])
-        except BaseException as e:  # collected and asserted by the caller
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
-    assert all(r is not None for r in results)
-    return [r for r in results if r is not None]
+    return run_together([lambda x=x: _infer(handle.port, x) for x in inputs])
 
 
 def _batch_counts(handle: ServerHandle) -> dict[int, float]:
