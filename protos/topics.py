@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 PREFIX = "edgefleet/v1"
 DEVICE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+# a model name, optionally ".variant": what a device keys its slots and offers by
+MODEL_KEY_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,125}[a-z0-9])?$")
 
 # leaf names under a device subtree, and who publishes them
 HEARTBEAT = "heartbeat"          # device -> controller, protobuf Heartbeat
@@ -19,11 +21,14 @@ PRESENCE = "presence"            # device -> controller, Presence; retained; las
 UPDATE_STATUS = "update/status"  # device -> controller, UpdateStatus
 CHUNK_REQUEST = "update/request" # device -> controller, ChunkRequest
 OFFER = "update/offer"           # controller -> device, SignedEnvelope(UpdateManifest); retained
+# one retained offer per (model, variant): update/offer/{model_key} (model_key = name or
+# name.variant), so several models on one device each keep their own pending update
+OFFERS = "update/offer/#"        # the agent's subscription over its per-model offer topics
 CHUNK = "update/chunk"           # controller -> device, UpdateChunk
 DESIRED = "desired"              # controller -> device, SignedEnvelope(DesiredState); retained
 
 DEVICE_TO_CONTROLLER = (HEARTBEAT, METRICS, PRESENCE, UPDATE_STATUS, CHUNK_REQUEST)
-CONTROLLER_TO_DEVICE = (OFFER, CHUNK, DESIRED)
+CONTROLLER_TO_DEVICE = (OFFER, OFFERS, CHUNK, DESIRED)
 
 TRUST_KEYS = f"{PREFIX}/trust/keys"  # controller -> all, SignedEnvelope(KeyList) by root; retained
 
@@ -38,6 +43,22 @@ def device_topic(device_id: str, leaf: str) -> str:
     if not valid_device_id(device_id):
         raise ValueError(f"invalid device id {device_id!r}: use [a-z0-9._-], 1-63 chars")
     return f"{PREFIX}/devices/{device_id}/{leaf}"
+
+
+def offer_leaf(model_key: str) -> str:
+    """Leaf of the retained offer topic of one (model, variant) key of a device."""
+    if not MODEL_KEY_RE.match(model_key):
+        raise ValueError(f"invalid model key {model_key!r}")
+    return f"{OFFER}/{model_key}"
+
+
+def offer_key(leaf: str) -> str | None:
+    """The model key of a per-model offer leaf (``update/offer/{key}``); None otherwise."""
+    head = OFFER + "/"
+    if not leaf.startswith(head):
+        return None
+    key = leaf[len(head):]
+    return key if MODEL_KEY_RE.match(key) else None
 
 
 def device_subscription(leaf: str, *, shared_group: str | None = None) -> str:

@@ -1,4 +1,5 @@
 from protos.edgefleet.v1 import common_pb2 as _common_pb2
+from protos.edgefleet.v1 import update_pb2 as _update_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -28,7 +29,7 @@ class DeviceFacts(_message.Message):
     def __init__(self, arch: _Optional[str] = ..., cpu_flags: _Optional[_Iterable[str]] = ..., runtimes: _Optional[_Iterable[_Union[_common_pb2.RuntimeInfo, _Mapping]]] = ..., os: _Optional[str] = ..., python_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., board: _Optional[str] = ...) -> None: ...
 
 class ServedModel(_message.Message):
-    __slots__ = ("name", "version", "sha256", "slot", "engine_kind", "precision", "active", "variant")
+    __slots__ = ("name", "version", "sha256", "slot", "engine_kind", "precision", "active", "variant", "revision", "engine_version", "update_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +38,9 @@ class ServedModel(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sha256: str
@@ -45,10 +49,33 @@ class ServedModel(_message.Message):
     precision: str
     active: bool
     variant: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., slot: _Optional[str] = ..., engine_kind: _Optional[str] = ..., precision: _Optional[str] = ..., active: _Optional[bool] = ..., variant: _Optional[str] = ...) -> None: ...
+    revision: int
+    engine_version: int
+    update_id: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., slot: _Optional[str] = ..., engine_kind: _Optional[str] = ..., precision: _Optional[str] = ..., active: _Optional[bool] = ..., variant: _Optional[str] = ..., revision: _Optional[int] = ..., engine_version: _Optional[int] = ..., update_id: _Optional[str] = ...) -> None: ...
+
+class ModelFault(_message.Message):
+    __slots__ = ("name", "variant", "version", "revision", "sha256", "reason", "message", "at_ms")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    variant: str
+    version: int
+    revision: int
+    sha256: str
+    reason: str
+    message: str
+    at_ms: int
+    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., version: _Optional[int] = ..., revision: _Optional[int] = ..., sha256: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class UpdateProgress(_message.Message):
-    __slots__ = ("update_id", "model_name", "version", "state", "reason", "bytes_received", "bytes_total")
+    __slots__ = ("update_id", "model_name", "version", "state", "reason", "bytes_received", "bytes_total", "revision", "variant", "target_sha256", "probe")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +83,10 @@ class UpdateProgress(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     model_name: str
     version: int
@@ -63,10 +94,14 @@ class UpdateProgress(_message.Message):
     reason: str
     bytes_received: int
     bytes_total: int
-    def __init__(self, update_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.UpdateState, str]] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+    revision: int
+    variant: str
+    target_sha256: str
+    probe: _update_pb2.ProbeReport
+    def __init__(self, update_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.UpdateState, str]] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_total: _Optional[int] = ..., revision: _Optional[int] = ..., variant: _Optional[str] = ..., target_sha256: _Optional[str] = ..., probe: _Optional[_Union[_update_pb2.ProbeReport, _Mapping]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("device_id", "device_class", "facts", "models", "updates", "agent_version", "uptime_s", "sent_at_ms", "seq", "health", "health_reason", "serve_url", "labels")
+    __slots__ = ("device_id", "device_class", "facts", "models", "updates", "agent_version", "uptime_s", "sent_at_ms", "seq", "health", "health_reason", "serve_url", "labels", "slots", "faults", "desired_generation", "restarts")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +122,10 @@ class Heartbeat(_message.Message):
     HEALTH_REASON_FIELD_NUMBER: _ClassVar[int]
     SERVE_URL_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    FAULTS_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     device_class: str
     facts: DeviceFacts
@@ -100,7 +139,11 @@ class Heartbeat(_message.Message):
     health_reason: str
     serve_url: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[str] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., updates: _Optional[_Iterable[_Union[UpdateProgress, _Mapping]]] = ..., agent_version: _Optional[str] = ..., uptime_s: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., seq: _Optional[int] = ..., health: _Optional[str] = ..., health_reason: _Optional[str] = ..., serve_url: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    slots: _containers.RepeatedCompositeFieldContainer[ServedModel]
+    faults: _containers.RepeatedCompositeFieldContainer[ModelFault]
+    desired_generation: int
+    restarts: int
+    def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[str] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., updates: _Optional[_Iterable[_Union[UpdateProgress, _Mapping]]] = ..., agent_version: _Optional[str] = ..., uptime_s: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., seq: _Optional[int] = ..., health: _Optional[str] = ..., health_reason: _Optional[str] = ..., serve_url: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., slots: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., faults: _Optional[_Iterable[_Union[ModelFault, _Mapping]]] = ..., desired_generation: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class Presence(_message.Message):
     __slots__ = ("device_id", "online", "reason", "at_ms")

@@ -20,7 +20,7 @@ class SignedEnvelope(_message.Message):
     def __init__(self, payload_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class UpdateManifest(_message.Message):
-    __slots__ = ("update_id", "device_class", "model_name", "version", "target_sha256", "target_size", "codec", "base_sha256", "payload_sha256", "payload_size", "chunk_size", "chunk_sha256", "issued_at_ms", "expires_at_ms", "fingerprint", "signature", "rollout", "variant", "device_id")
+    __slots__ = ("update_id", "device_class", "model_name", "version", "target_sha256", "target_size", "codec", "base_sha256", "payload_sha256", "payload_size", "chunk_size", "chunk_sha256", "issued_at_ms", "expires_at_ms", "fingerprint", "signature", "rollout", "variant", "device_id", "revision", "engine_version", "probe")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,9 @@ class UpdateManifest(_message.Message):
     ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     device_class: str
     model_name: str
@@ -59,7 +62,38 @@ class UpdateManifest(_message.Message):
     rollout: str
     variant: str
     device_id: str
-    def __init__(self, update_id: _Optional[str] = ..., device_class: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., target_sha256: _Optional[str] = ..., target_size: _Optional[int] = ..., codec: _Optional[str] = ..., base_sha256: _Optional[str] = ..., payload_sha256: _Optional[str] = ..., payload_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[bytes]] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., fingerprint: _Optional[_Union[_common_pb2.EngineFingerprint, _Mapping]] = ..., signature: _Optional[_Union[_common_pb2.ModelSignature, _Mapping]] = ..., rollout: _Optional[str] = ..., variant: _Optional[str] = ..., device_id: _Optional[str] = ...) -> None: ...
+    revision: int
+    engine_version: int
+    probe: ProbeSpec
+    def __init__(self, update_id: _Optional[str] = ..., device_class: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., target_sha256: _Optional[str] = ..., target_size: _Optional[int] = ..., codec: _Optional[str] = ..., base_sha256: _Optional[str] = ..., payload_sha256: _Optional[str] = ..., payload_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[bytes]] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., fingerprint: _Optional[_Union[_common_pb2.EngineFingerprint, _Mapping]] = ..., signature: _Optional[_Union[_common_pb2.ModelSignature, _Mapping]] = ..., rollout: _Optional[str] = ..., variant: _Optional[str] = ..., device_id: _Optional[str] = ..., revision: _Optional[int] = ..., engine_version: _Optional[int] = ..., probe: _Optional[_Union[ProbeSpec, _Mapping]] = ...) -> None: ...
+
+class ProbeSpec(_message.Message):
+    __slots__ = ("samples_npz", "metric", "threshold")
+    SAMPLES_NPZ_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    samples_npz: bytes
+    metric: str
+    threshold: float
+    def __init__(self, samples_npz: _Optional[bytes] = ..., metric: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class ProbeReport(_message.Message):
+    __slots__ = ("metric", "value", "threshold", "passed", "samples", "detail", "at_ms")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    value: float
+    threshold: float
+    passed: bool
+    samples: int
+    detail: str
+    at_ms: int
+    def __init__(self, metric: _Optional[str] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., passed: _Optional[bool] = ..., samples: _Optional[int] = ..., detail: _Optional[str] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("update_id", "index", "total", "data")
@@ -84,7 +118,7 @@ class ChunkRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., update_id: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UpdateStatus(_message.Message):
-    __slots__ = ("device_id", "update_id", "model_name", "version", "state", "reason", "action", "bytes_received", "bytes_total", "at_ms", "target_sha256")
+    __slots__ = ("device_id", "update_id", "model_name", "version", "state", "reason", "action", "bytes_received", "bytes_total", "at_ms", "target_sha256", "revision", "variant", "probe")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +130,9 @@ class UpdateStatus(_message.Message):
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     TARGET_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     update_id: str
     model_name: str
@@ -107,7 +144,10 @@ class UpdateStatus(_message.Message):
     bytes_total: int
     at_ms: int
     target_sha256: str
-    def __init__(self, device_id: _Optional[str] = ..., update_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.UpdateState, str]] = ..., reason: _Optional[str] = ..., action: _Optional[_Union[_common_pb2.ErrorAction, str]] = ..., bytes_received: _Optional[int] = ..., bytes_total: _Optional[int] = ..., at_ms: _Optional[int] = ..., target_sha256: _Optional[str] = ...) -> None: ...
+    revision: int
+    variant: str
+    probe: ProbeReport
+    def __init__(self, device_id: _Optional[str] = ..., update_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.UpdateState, str]] = ..., reason: _Optional[str] = ..., action: _Optional[_Union[_common_pb2.ErrorAction, str]] = ..., bytes_received: _Optional[int] = ..., bytes_total: _Optional[int] = ..., at_ms: _Optional[int] = ..., target_sha256: _Optional[str] = ..., revision: _Optional[int] = ..., variant: _Optional[str] = ..., probe: _Optional[_Union[ProbeReport, _Mapping]] = ...) -> None: ...
 
 class SigningKey(_message.Message):
     __slots__ = ("key_id", "public_key", "expires_at_ms")
@@ -134,16 +174,22 @@ class KeyList(_message.Message):
     def __init__(self, version: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[SigningKey, _Mapping]]] = ..., revoked_key_ids: _Optional[_Iterable[str]] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ...) -> None: ...
 
 class DesiredModel(_message.Message):
-    __slots__ = ("name", "version", "target_sha256", "update_id")
+    __slots__ = ("name", "version", "target_sha256", "update_id", "variant", "revision", "engine_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_SHA256_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     target_sha256: str
     update_id: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., target_sha256: _Optional[str] = ..., update_id: _Optional[str] = ...) -> None: ...
+    variant: str
+    revision: int
+    engine_version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., target_sha256: _Optional[str] = ..., update_id: _Optional[str] = ..., variant: _Optional[str] = ..., revision: _Optional[int] = ..., engine_version: _Optional[int] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("device_id", "generation", "models", "issued_at_ms")
