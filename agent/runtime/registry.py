@@ -5,7 +5,10 @@ Called by the update pipeline (``agent.update``, from its own thread) through
 :meth:`ModelRegistry.get`, by the thermal policy (``set_max_concurrency``,
 ``set_preferred_variant``) and by the heartbeat (``served``).
 
-``activate`` loads the new engine beside the old one, warms it up on synthetic inputs,
+``activate`` loads the new engine beside the old one, warms it up (on the caller's
+``warmup_inputs``, e.g. the first sample of the update's accuracy probe, else on synthetic
+inputs whose dynamic dimensions take realistic sizes: batch 1, other dimensions from
+:data:`WARMUP_DIM_CANDIDATES`, the next tried when the engine rejects a shape),
 smoke-checks the outputs against the signature, and only then swaps the pointer under a
 lock. Requests already holding a lease finish on the old engine; the last lease to end
 closes it. Any failure raises (``Rejected``/``GiveUp``) and leaves the old engine serving.
@@ -190,10 +193,13 @@ class ModelRegistry:
         self.stats = stats or ServingStats()
 
     # ---- serving path -------------------------------------------------------------------
-    def get(self, name: str, version: int | None = None) -> EngineLease:
-        """Lease the engine serving ``name`` (``version`` must match when given). Waits up
-        to ``queue_timeout_s`` for a concurrency slot; raises :class:`ModelNotFound` or
-        :class:`RetryLater` (queue timeout)."""
+    def get(self, name: str, version: int | None = None, *,
+            variant: str | None = None) -> EngineLease:
+        """Lease the engine serving ``name`` (``version`` must match when given; ``variant``,
+        when given, picks exactly that installed variant, "" = the main model even while a
+        variant is preferred: the accuracy probe uses it). Waits up to ``queue_timeout_s`` for a
+        concurrency slot; raises :class:`ModelNotFound` or :class:`RetryLater` (queue
+        timeout)."""
         limiter = self._limiters.get(name)
         if limiter is not None and limiter.limit <= 0:
             limiter = None  # unlimited: skip the slot bookkeeping on the hot path
@@ -202,7 +208,8 @@ class ModelRegistry:
                              reason="queue_timeout")
         try:
             with self._lock:
-                entry = self._pick(name, version)
+                entry = (self._pick(name, version) if variant is None
+                         else self._pick_variant(name, version, variant))
                 entry.inflight += 1
         except BaseException:
             if limiter is not None:
@@ -228,6 +235,15 @@ class ModelRegistry:
             chosen = other
         return chosen
 
+    def _pick_variant(self, name: str, version: int | None, variant: str) -> _Entry:
+        entry = self._entries.get((name, variant))
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} variant {variant!r} is not loaded")
+        if version is not None and entry.version != version:
+            raise ModelNotFound(f"model {name!r} variant {variant!r} version {version} is not "
+                                f"loaded (serving version {entry.version})")
+        return entry
+
     def _release(self, entry: _Entry, limiter: _Limiter | None) -> None:
         with self._lock:
             entry.inflight -= 1
@@ -242,11 +258,15 @@ class ModelRegistry:
     # ---- update path --------------------------------------------------------------------
     def activate(self, *, name: str, version: int, path: Path, sha256: str,
                  fingerprint: EngineFingerprint, signature: ModelSignature | None,
-                 variant: str = "") -> None:
+                 variant: str = "",
+                 warmup_inputs: Mapping[str, np.ndarray] | None = None) -> None:
         """Load ``path`` beside the engine now serving ``name``/``variant``, warm it up,
-        smoke-check it and swap atomically. Raises Rejected / GiveUp / BackendUnavailable
-        and leaves the old engine serving when anything fails. Called from the update
-        thread, never from a serving thread."""
+        smoke-check it and swap atomically. ``warmup_inputs`` (e.g. the first probe sample,
+        :func:`agent.update.probe.probe_inputs`) are real inputs for the warm-up: the engine
+        must run them; without them synthetic inputs of realistic shapes are used (see
+        :func:`smoke_check`). Raises Rejected / GiveUp / BackendUnavailable and leaves the
+        old engine serving when anything fails. Called from the update thread, never from a
+        serving thread."""
         started = time.monotonic()
         with self._activate_lock:
             backend = self._backend(fingerprint.engine_kind)
@@ -258,7 +278,8 @@ class ModelRegistry:
                 engine = backend.load(Path(path), signature=signature)
                 try:
                     smoke_check(engine, expected=signature if signature and signature.outputs
-                                else engine.signature, runs=self._warmup_runs)
+                                else engine.signature, runs=self._warmup_runs,
+                                inputs=warmup_inputs)
                 except BaseException:
                     engine.close()
                     raise
@@ -437,14 +458,23 @@ def _check_sha256(path: Path, expected: str) -> None:
                        f"{expected}", reason="sha256_mismatch")
 
 
-def synthetic_inputs(signature: ModelSignature, *, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs matching ``signature``: dynamic dims -> 1, floats ~ N(0, 1), ints/bool zeros."""
+#: sizes tried, in this order, for dynamic dimensions other than the first (batch) one when
+#: no warm-up inputs are given: 1 would make a detector with dynamic height/width fail (its
+#: upsampled branches no longer match the skip connections), so realistic sizes come first
+#: and 1 is the last resort
+WARMUP_DIM_CANDIDATES: tuple[int, ...] = (32, 64, 224, 320, 640, 1)
+
+
+def synthetic_inputs(signature: ModelSignature, *, seed: int = 0,
+                     dim: int = 1) -> dict[str, np.ndarray]:
+    """Inputs matching ``signature``: a dynamic first (batch) dimension -> 1, other dynamic
+    dimensions -> ``dim``; floats ~ N(0, 1), ints/bool zeros."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for spec in signature.inputs:
-        shape = tuple(d if d >= 0 else 1 for d in spec.shape)
+        shape = tuple(d if d >= 0 else (1 if i == 0 else dim) for i, d in enumerate(spec.shape))
         dtype = np.dtype(spec.dtype or "float32")
         if dtype.kind == "f":
             out[spec.name] = rng.standard_normal(shape).astype(dtype)
@@ -453,33 +483,78 @@ def synthetic_inputs(signature: ModelSignature, *, seed: int = 0) -> dict[str, n
     return out
 
 
-def smoke_check(engine: LoadedEngine, *, expected: ModelSignature, runs: int = 3) -> None:
+def _has_dynamic_inner_dims(signature: ModelSignature) -> bool:
+    return any(d < 0 for spec in signature.inputs for d in list(spec.shape)[1:])
+
+
+def _run_warmup(engine: LoadedEngine, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One warm-up inference; vendor errors become Rejected(smoke_check_failed)."""
+    try:
+        return engine.infer(dict(inputs))
+    except EdgefleetError:
+        raise
+    except Exception as e:
+        raise Rejected(f"warm-up inference failed: {e}", reason="smoke_check_failed") from e
+
+
+def _first_synthetic_run(engine: LoadedEngine) -> tuple[int, dict[str, np.ndarray]]:
+    """Find a size for the dynamic non-batch dimensions the engine accepts: try
+    :data:`WARMUP_DIM_CANDIDATES` in order, return (size, outputs of the first run). Raises
+    Rejected with the last error when the engine rejects every candidate."""
+    candidates = WARMUP_DIM_CANDIDATES if _has_dynamic_inner_dims(engine.signature) else (1,)
+    last: Rejected | None = None
+    for dim in candidates:
+        try:
+            return dim, _run_warmup(engine, synthetic_inputs(engine.signature, seed=0, dim=dim))
+        except Rejected as e:
+            if e.reason != "smoke_check_failed":
+                raise
+            last = e
+            log.debug("warm-up with dynamic dims = %d failed: %s", dim, e)
+    assert last is not None
+    tried = "" if len(candidates) == 1 else f" (dynamic dimensions tried: {list(candidates)})"
+    raise Rejected(f"{last}{tried}", reason="smoke_check_failed") from last
+
+
+def smoke_check(engine: LoadedEngine, *, expected: ModelSignature, runs: int = 3,
+                inputs: Mapping[str, np.ndarray] | None = None) -> None:
     """Warm ``engine`` up with ``runs`` inferences and check names, dtypes, ranks/static dims
-    and finiteness of the outputs. Raises :class:`Rejected` (reason ``smoke_check_failed``)."""
+    and finiteness of the outputs. ``inputs`` (real inputs, e.g. a probe sample) are used for
+    every run when given; else synthetic inputs whose dynamic dimensions get the first size
+    of :data:`WARMUP_DIM_CANDIDATES` the engine runs. Raises :class:`Rejected` (reason
+    ``smoke_check_failed``)."""
+    dim = 1
+    for i in range(max(1, runs)):
+        if inputs is not None:
+            try:
+                outputs = _run_warmup(engine, inputs)
+            except Rejected as e:
+                raise Rejected(f"{e} (on the given warm-up inputs)",
+                               reason=e.reason) from e
+        elif i == 0:
+            dim, outputs = _first_synthetic_run(engine)
+        else:
+            outputs = _run_warmup(engine, synthetic_inputs(engine.signature, seed=i, dim=dim))
+        _check_outputs(outputs, expected=expected)
+
+
+def _check_outputs(outputs: dict[str, np.ndarray], *, expected: ModelSignature) -> None:
     import numpy as np
 
-    for i in range(runs):
-        inputs = synthetic_inputs(engine.signature, seed=i)
-        try:
-            outputs = engine.infer(inputs)
-        except EdgefleetError:
-            raise
-        except Exception as e:
-            raise Rejected(f"warm-up inference failed: {e}", reason="smoke_check_failed") from e
-        want = {t.name: t for t in expected.outputs}
-        if set(outputs) != set(want):
-            raise Rejected(f"outputs {sorted(outputs)} != signature {sorted(want)}",
+    want = {t.name: t for t in expected.outputs}
+    if set(outputs) != set(want):
+        raise Rejected(f"outputs {sorted(outputs)} != signature {sorted(want)}",
+                       reason="smoke_check_failed")
+    for name, value in outputs.items():
+        spec = want[name]
+        arr = np.asarray(value)
+        if spec.dtype and arr.dtype != np.dtype(spec.dtype):
+            raise Rejected(f"output {name} is {arr.dtype}, signature says {spec.dtype}",
                            reason="smoke_check_failed")
-        for name, value in outputs.items():
-            spec = want[name]
-            arr = np.asarray(value)
-            if spec.dtype and arr.dtype != np.dtype(spec.dtype):
-                raise Rejected(f"output {name} is {arr.dtype}, signature says {spec.dtype}",
-                               reason="smoke_check_failed")
-            if spec.shape and (len(spec.shape) != arr.ndim or any(
-                    d >= 0 and d != a for d, a in zip(spec.shape, arr.shape, strict=False))):
-                raise Rejected(f"output {name} has shape {list(arr.shape)}, signature says "
-                               f"{list(spec.shape)}", reason="smoke_check_failed")
-            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
-                raise Rejected(f"output {name} has NaN/Inf values on warm-up input",
-                               reason="smoke_check_failed")
+        if spec.shape and (len(spec.shape) != arr.ndim or any(
+                d >= 0 and d != a for d, a in zip(spec.shape, arr.shape, strict=False))):
+            raise Rejected(f"output {name} has shape {list(arr.shape)}, signature says "
+                           f"{list(spec.shape)}", reason="smoke_check_failed")
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            raise Rejected(f"output {name} has NaN/Inf values on warm-up input",
+                           reason="smoke_check_failed")
