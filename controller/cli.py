@@ -2,6 +2,7 @@
 
 Subcommands: ``up`` (embedded controller, broker and dashboard: controller/embedded.py),
 ``apply -f``, ``get``, ``delete``, ``push`` (HTTP client: controller/cli_client.py),
+``rollout status|pause|resume|abort|retry|undo`` (controller/cli_rollout.py),
 ``keys init|rotate|revoke|show`` (controller/ota/keys.py), ``pki init|issue-device|show``
 (MQTT certificates, controller/pki.py), ``token create|list|revoke`` (bootstrap tokens for
 ``edgefleet-agent enroll``, controller/api/enroll.py), ``delta make|apply``
@@ -296,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-n", "--namespace", default="default")
     d.add_argument("-f", "--filename", help="delete the objects named in this YAML")
     d.set_defaults(func=_cmd_delete)
+
+    from controller.cli_rollout import add_rollout_parser
+
+    add_rollout_parser(sub)   # rollout status|pause|resume|abort|retry|undo
 
     pu = sub.add_parser("push", help="upload a file to the artifact store; prints its sha256")
     pu.add_argument("file")

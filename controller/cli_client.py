@@ -1,4 +1,6 @@
-"""The client half of the ``edgefleet`` CLI: apply, get, delete and push against a controller.
+"""The client half of the ``edgefleet`` CLI: apply, get, delete and push against a controller,
+and the calls behind ``edgefleet rollout`` (``get_rollout``, ``rollout_action``, used by
+controller/cli_rollout.py).
 
 Called by controller/cli.py. ``apply`` validates documents locally with controller.crd.schema
 (so a bad file fails before anything is sent), uploads local ``path`` files (model source,
@@ -211,4 +213,30 @@ def get(server: str, what: str, *, output: str = "", name: str = "",
         return data
     headers, rows = _rows(what, data.get("items", []), wide=output == "wide")
     print(table(rows, headers), file=out)
+    return data
+
+
+def _part(value: str) -> str:
+    """One URL path segment (a name with '/' or '?' cannot reach another route)."""
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
+def get_rollout(c: httpx.Client, namespace: str, name: str) -> dict[str, Any]:
+    """GET /api/v1/rollouts/{namespace}/{name}: the rollout view (spec, status, generation)."""
+    resp = c.get(f"/api/v1/rollouts/{_part(namespace)}/{_part(name)}")
+    _raise_for(resp)
+    data: dict[str, Any] = resp.json()
+    return data
+
+
+def rollout_action(c: httpx.Client, namespace: str, name: str, verb: str, *,
+                   to_version: int | None = None) -> dict[str, Any]:
+    """POST a rollout verb (controller/api/rollouts.py); returns {action, message, spec...}."""
+    body = {} if to_version is None else {"toVersion": to_version}
+    resp = c.post(f"/api/v1/namespaces/{_part(namespace)}/edgerollouts/{_part(name)}"
+                  f"/actions/{_part(verb)}", json=body)
+    _raise_for(resp)
+    data: dict[str, Any] = resp.json()
     return data
