@@ -43,6 +43,7 @@ from controller.ota.publisher import Publisher
 from controller.reconcile.cleanup import CleanupContext, finalize_model, finalize_rollout
 from controller.reconcile.models import ModelContext, reconcile_model
 from controller.reconcile.rollouts import RolloutContext, reconcile_rollout
+from controller.reconcile.versions import ProbeCache, check_version_goes_up
 from controller.settings import Settings
 from controller.store import ArtifactStore
 from protos.errors import Rejected
@@ -72,8 +73,11 @@ def resource_dict(r: Resource) -> dict[str, Any]:
     md: dict[str, Any] = {"name": r.name, "uid": r.uid, "generation": r.generation,
                           "resourceVersion": str(r.resource_version),
                           "labels": dict(r.labels or {}),
+                          # with milliseconds: rollouts of one model created within the
+                          # same second still have an order (the newer owns shared devices)
                           "creationTimestamp": time.strftime(
-                              "%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.created_ms / 1000))}
+                              "%Y-%m-%dT%H:%M:%S", time.gmtime(r.created_ms / 1000))
+                          + f".{r.created_ms % 1000:03d}Z"}
     if r.namespace:
         md["namespace"] = r.namespace
     return {"apiVersion": API_VERSION, "kind": r.kind, "metadata": md,
@@ -92,6 +96,7 @@ class ControllerCore:
         self.keys = KeyStore.load_or_init(settings.resolved_keys_dir)
         self.planner = DeltaPlanner(self.store, self.db)
         self.publisher = Publisher(settings, self.store, self.db)
+        self.probes = ProbeCache(self.store)
         self.ingest = Ingest(settings, self.db, chunk_handler=self.publisher.handle_chunk_request,
                              on_change=lambda _k: self.kick())
         self.executor: Executor | None = None
@@ -248,6 +253,8 @@ class ControllerCore:
             row = s.exec(select(Resource).where(Resource.kind == kind, Resource.namespace == ns,
                                                 Resource.name == name,
                                                 col(Resource.deleted_ms).is_(None))).first()
+            if kind == "EdgeModel":
+                check_version_goes_up(s, ns, name, spec, row.spec if row is not None else None)
             if row is None:
                 row = Resource(kind=kind, namespace=ns, name=name, uid=str(uuid.uuid4()),
                                spec=spec, labels=labels, created_ms=now, updated_ms=now)
@@ -330,7 +337,9 @@ class ControllerCore:
         return RolloutContext(db=self.db, settings=self.settings, planner=self.planner,
                               keys=self.keys, publisher=self.publisher,
                               get_model=lambda ns, n: self.get("EdgeModel", ns, n),
-                              requeue_after=self.kick_after)
+                              requeue_after=self.kick_after,
+                              list_rollouts=lambda: self.list("EdgeRollout"),
+                              probe_for=self.probes.probe_for)
 
     def cleanup_context(self) -> CleanupContext:
         return CleanupContext(db=self.db, keys=self.keys, publisher=self.publisher,

@@ -80,6 +80,12 @@ class Device(SQLModel, table=True):
     serve_url: str = ""
     labels: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     heartbeat_seq: int = Field(default=0, sa_type=BigInteger)
+    # every engine the device holds in an A/B slot (Heartbeat.slots), loaded or not
+    slots: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    # recent faults the device reported (integrity, crash loop, local rollback)
+    faults: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    restarts: int = Field(default=0, sa_type=BigInteger)
+    desired_generation: int = Field(default=0, sa_type=BigInteger)
 
 
 class Artifact(SQLModel, table=True):
@@ -150,6 +156,10 @@ class DeviceRollout(SQLModel, table=True):
     max_bytes_per_second: int = Field(default=0, sa_type=BigInteger)
     # "" = the main engine; else the EdgeModel spec.variants[].name this row ships
     variant: str = ""
+    revision: int = Field(default=0, sa_type=BigInteger)
+    engine_version: int = Field(default=0, sa_type=BigInteger)
+    # the on-device accuracy probe's report for this update (UpdateStatus.probe), {} = none
+    probe: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
 
 
 class DeviceDesired(SQLModel, table=True):
@@ -193,3 +203,83 @@ class Event(SQLModel, table=True):
     type: str = "Normal"       # Normal | Warning
     reason: str = ""
     message: str = ""
+
+
+class DeviceTarget(SQLModel, table=True):
+    """The desired target of one (device, model, variant): what the device should serve.
+
+    Set by the rollout that owns the (model, device) when the device's wave opens, moved
+    back by a back-out or an abort (the previous engine at a higher revision), removed when
+    the rollout is deleted. Every status compares it with what the device reports serving
+    (Device.models); offers (DeviceRollout rows) only carry the bytes.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(index=True)
+    model_name: str = Field(index=True)
+    variant: str = ""
+    version: int = Field(default=0, sa_type=BigInteger)
+    revision: int = Field(default=0, sa_type=BigInteger)
+    engine_version: int = Field(default=0, sa_type=BigInteger)   # 0 = version
+    target_sha256: str = ""
+    rollout: str = Field(default="", index=True)                  # owner, namespace/name
+    reason: str = "rollout"                                        # rollout | backout | abort | undo
+    # what the device served when this rollout first targeted it (the back-out target)
+    prev_sha256: str = ""
+    prev_version: int = Field(default=0, sa_type=BigInteger)
+    prev_revision: int = Field(default=0, sa_type=BigInteger)
+    prev_engine_version: int = Field(default=0, sa_type=BigInteger)
+    set_ms: int = Field(default=0, sa_type=BigInteger)
+    progress_ms: int = Field(default=0, sa_type=BigInteger)     # last progress seen (deadline)
+    reached_ms: int | None = Field(default=None, sa_type=BigInteger)  # observed == desired since
+    retry: int = Field(default=0, sa_type=BigInteger)              # spec.retry when set
+    update_id: str = ""                                            # the offer carrying it
+
+
+class DeviceOffer(SQLModel, table=True):
+    """The offer retained on a device's per-model topic ``update/offer/{model_key}``."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(index=True)
+    model_key: str = ""
+    update_id: str = ""
+
+
+class RolloutMember(SQLModel, table=True):
+    """Which wave a device belongs to in a rollout (kept across versions and restarts)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    rollout: str = Field(index=True)
+    device_id: str = Field(index=True)
+    wave: int = Field(default=0, sa_type=BigInteger)
+    joined_ms: int = Field(default=0, sa_type=BigInteger)
+    late: bool = False
+
+
+class WaveGate(SQLModel, table=True):
+    """A wave gate decision of one rollout release (version, engine version, retry round):
+    passed or failed, with the signals and numbers, so a restarted controller keeps it."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    rollout: str = Field(index=True)
+    release: str = ""                     # "v{version}e{engine_version}r{retry}"
+    wave: int = Field(default=0, sa_type=BigInteger)
+    verdict: str = ""                     # passed | failed
+    message: str = ""
+    signals: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    decided_ms: int = Field(default=0, sa_type=BigInteger)
+    acted: bool = False                   # the failure's back-out was carried out
+
+
+class ModelVersion(SQLModel, table=True):
+    """Each EdgeModel version the controller compiled: its source and engines, for the
+    "versions only go up" check and for rolling back to an older engine."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    namespace: str = Field(default="default", index=True)
+    name: str = Field(index=True)
+    version: int = Field(default=0, sa_type=BigInteger)
+    source_sha256: str = ""
+    engines: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))  # class -> entry
+    variants: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    created_ms: int = Field(default=0, sa_type=BigInteger)

@@ -35,13 +35,17 @@ def chunk_hashes(path: Path, chunk_size: int) -> list[bytes]:
 
 
 def make_update_id(rollout: str, device_id: str, version: int, payload_sha256: str,
-                   chunk_size: int = 0, *, variant: str = "") -> str:
-    """Stable id of (rollout, device, version, payload, chunk size, variant): re-planning
-    gives the same id, a changed chunk size (different chunk hashes) a new one, and a
-    variant never shares an id with the main engine (even with the same engine bytes)."""
+                   chunk_size: int = 0, *, variant: str = "", revision: int = 0,
+                   target_sha256: str = "", round_: int = 0) -> str:
+    """Stable id of (rollout, device, version, revision, payload, chunk size, variant,
+    retry round): re-planning gives the same id, a changed chunk size (different chunk
+    hashes) a new one, a variant never shares an id with the main engine (even with the
+    same engine bytes), and a retried offer is a new update for the agent."""
     text = f"{rollout}\n{device_id}\n{version}\n{payload_sha256}"
     if variant:
         text += f"\nvariant={variant}"
+    if revision or target_sha256 or round_:
+        text += f"\nrev={revision}\ntarget={target_sha256}\nround={round_}"
     h = hashlib.sha256((text + (f"\n{chunk_size}" if chunk_size else "")).encode())
     return f"u-{h.hexdigest()[:24]}"
 
@@ -69,25 +73,45 @@ class Payload:
     base_sha256: str
     sha256: str
     size: int
-    path: Path
+    path: Path | None
+
+
+SLOT_CODEC = "slot"
+
+
+def slot_payload(target_sha256: str) -> Payload:
+    """No bytes: the target engine is already in one of the device's A/B slots."""
+    return Payload(SLOT_CODEC, target_sha256, "", 0, None)
 
 
 def build_manifest(*, update_id: str, device_id: str, device_class: str, model_name: str,
                    version: int, target_sha256: str, target_size: int, payload: Payload,
                    chunk_size: int, ttl_s: int, fingerprint: dict[str, Any] | None = None,
                    signature: dict[str, Any] | None = None, rollout: str = "",
-                   variant: str = "", now_ms: int | None = None) -> update_pb2.UpdateManifest:
-    """An unsigned manifest for one device; chunk hashes computed from the payload file."""
+                   variant: str = "", now_ms: int | None = None, revision: int = 0,
+                   engine_version: int = 0,
+                   probe: update_pb2.ProbeSpec | None = None) -> update_pb2.UpdateManifest:
+    """An unsigned manifest for one device; chunk hashes computed from the payload file
+    (none for codec ``slot``, whose target is already on the device)."""
     if version < 1:
         raise Rejected(f"model version must be >= 1, got {version}", reason="bad_version")
     if payload.codec != "full" and not payload.base_sha256:
         raise Rejected(f"codec {payload.codec} needs a base sha256", reason="bad_codec")
     now = int(time.time() * 1000) if now_ms is None else now_ms
-    hashes = chunk_hashes(payload.path, chunk_size)
+    if payload.codec == SLOT_CODEC or payload.path is None:
+        hashes: list[bytes] = []
+    else:
+        hashes = chunk_hashes(payload.path, chunk_size)
+    extra: dict[str, Any] = {}
+    if probe is not None:
+        extra["probe"] = probe
     return update_pb2.UpdateManifest(
+        revision=revision, engine_version=engine_version if engine_version != version else 0,
+        **extra,
         update_id=update_id, device_class=device_class, model_name=model_name,
         version=version, target_sha256=target_sha256, target_size=target_size,
-        codec=payload.codec, base_sha256=payload.base_sha256 if payload.codec != "full" else "",
+        codec=payload.codec,
+        base_sha256=payload.base_sha256 if payload.codec not in ("full", SLOT_CODEC) else "",
         payload_sha256=payload.sha256, payload_size=payload.size, chunk_size=chunk_size,
         chunk_sha256=hashes, issued_at_ms=now, expires_at_ms=now + ttl_s * 1000,
         fingerprint=fingerprint_msg(fingerprint), signature=signature_msg(signature),

@@ -215,16 +215,20 @@ class Publisher:
                             retain=True)
 
     async def publish_offer(self, device_id: str, env: update_pb2.SignedEnvelope,
-                            info: OfferInfo) -> None:
-        """Publish a signed offer retained on the device's offer topic."""
-        self.offers[info.update_id] = info
+                            info: OfferInfo, *, model_key: str = "") -> None:
+        """Publish a signed offer retained on the device's offer topic of ``model_key``
+        (``update/offer/{model_key}``; the legacy single ``update/offer`` when empty)."""
+        if info.payload_size > 0:                   # a slot update has no chunks
+            self.offers[info.update_id] = info
         self.cancelled.discard(info.update_id)      # a re-applied rollout offers it again
-        await self._publish(topics.device_topic(device_id, topics.OFFER),
+        leaf = topics.offer_leaf(model_key) if model_key else topics.OFFER
+        await self._publish(topics.device_topic(device_id, leaf),
                             env.SerializeToString(deterministic=True), retain=True)
 
-    async def clear_offer(self, device_id: str) -> None:
-        """Remove the retained offer (an empty retained message)."""
-        await self._publish(topics.device_topic(device_id, topics.OFFER), b"", retain=True)
+    async def clear_offer(self, device_id: str, model_key: str = "") -> None:
+        """Remove a retained offer (an empty retained message)."""
+        leaf = topics.offer_leaf(model_key) if model_key else topics.OFFER
+        await self._publish(topics.device_topic(device_id, leaf), b"", retain=True)
 
     async def publish_desired(self, device_id: str, env: update_pb2.SignedEnvelope) -> None:
         """Publish a signed DesiredState retained on the device's desired topic."""

@@ -35,7 +35,16 @@ from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import col, select
 
 from controller.fleet.db import session_scope
-from controller.fleet.models import DeviceDesired, DeviceRollout, DeviceRolloutState, Event
+from controller.fleet.models import (
+    DeviceDesired,
+    DeviceOffer,
+    DeviceRollout,
+    DeviceRolloutState,
+    DeviceTarget,
+    Event,
+    RolloutMember,
+    WaveGate,
+)
 from controller.ota.keys import KeyStore
 from controller.ota.publisher import Publisher
 from controller.reconcile.common import meta
@@ -88,20 +97,30 @@ async def finalize_rollout(resource: dict[str, Any], ctx: CleanupContext) -> dic
             s.add(r)
             cancelled += 1
         update_ids = {r.update_id for r in rows if r.update_id}
-        devices = {r.device_id for r in rows}
+        targets = s.exec(select(DeviceTarget).where(DeviceTarget.rollout == key)).all()
+        devices = {r.device_id for r in rows} | {t.device_id for t in targets}
         committed = len({r.device_id for r in rows if r.state == DeviceRolloutState.COMMITTED
                          and not r.variant})
+        # the devices' desired state no longer names what this rollout asked for; what
+        # they serve stays (deleting a rollout never uninstalls a model from a board)
+        for t in targets:
+            s.delete(t)
+        for m in s.exec(select(RolloutMember).where(RolloutMember.rollout == key)).all():
+            s.delete(m)
+        for g in s.exec(select(WaveGate).where(WaveGate.rollout == key)).all():
+            s.delete(g)
     ctx.publisher.forget_rollout(key, update_ids)
     await sync_devices(db=ctx.db, keys=ctx.keys, publisher=ctx.publisher,
                        device_ids=devices, now_ms=now)
     if update_ids:
         with session_scope(ctx.db) as s:
-            left = s.exec(select(DeviceDesired).where(
-                col(DeviceDesired.offer_update_id).in_(update_ids))).all()
+            left = {d.device_id for d in s.exec(select(DeviceDesired).where(
+                col(DeviceDesired.offer_update_id).in_(update_ids))).all()}
+            left |= {o.device_id for o in s.exec(select(DeviceOffer).where(
+                col(DeviceOffer.update_id).in_(update_ids))).all()}
             if left:
                 raise RetryLater(f"retained offers of rollout {key} not cleared yet on "
-                                 f"{', '.join(sorted(d.device_id for d in left)[:5])}",
-                                 reason="offer_not_cleared")
+                                 f"{', '.join(sorted(left)[:5])}", reason="offer_not_cleared")
     _event(ctx.db, kind="EdgeRollout", name=key, reason="Deleted", type_="Normal", now_ms=now,
            message=(f"EdgeRollout {name} deleted: offers withdrawn from "
                     f"{len(devices) - committed} device(s), {committed} device(s) that "

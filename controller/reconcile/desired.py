@@ -1,19 +1,23 @@
-"""Per-device retained state after a rollout pass: DesiredState and finished offers.
+"""Per-device retained state: the signed DesiredState and the per-model retained offers.
 
-Called by controller.reconcile.rollouts at the end of every pass with the rollout's devices.
-For each device it
+Called by controller.reconcile.rollouts at the end of every pass and by
+controller.reconcile.cleanup with the devices concerned. For each device it
 
 * publishes a signed ``DesiredState`` (protos update.proto) retained on
-  ``.../{device}/desired`` when the device's desired models changed: per model name, the
-  highest version it was offered and did not fail (committed or on its way), so a device
-  that reconnects learns what it should run;
-* clears the retained offer on ``.../{device}/update/offer`` (an empty retained message)
-  once the update it carries is finished (committed, failed, rolled back) or no longer
-  exists, so a reconnecting device does not receive an old offer forever.
+  ``.../{device}/desired`` when the device's desired targets changed: one DesiredModel per
+  DeviceTarget row of the device (every model and variant, from every rollout), with the
+  version, revision, engine sha256 and the update id of the offer carrying the bytes. The
+  agent treats it as its source of truth (abandons offers it no longer lists, activates a
+  listed engine it already holds in a slot);
+* clears a retained per-model offer (``update/offer/{model_key}``, an empty retained
+  message) once the update it carries is finished (committed, failed, rolled back,
+  cancelled) or no target references it any more, so a reconnecting device does not
+  receive an old offer forever. The legacy single ``update/offer`` topic is cleared the
+  same way (``DeviceDesired.offer_update_id``).
 
-State lives in the ``DeviceDesired`` table (generation, digest of the last published
-models, update id of the retained offer), so a restart neither republishes nor forgets.
-Everything is level-triggered: a publish that fails (not connected) is retried next pass.
+State lives in the ``DeviceDesired`` and ``DeviceOffer`` tables, so a restart neither
+republishes nor forgets. Level-triggered: a publish that fails (not connected) is retried
+on the next pass.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import col, select
 
 from controller.fleet.db import session_scope
-from controller.fleet.models import DeviceDesired, DeviceRollout, DeviceRolloutState
+from controller.fleet.models import (
+    DeviceDesired,
+    DeviceOffer,
+    DeviceRollout,
+    DeviceRolloutState,
+    DeviceTarget,
+)
 from controller.ota.keys import KeyStore
 from controller.ota.publisher import Publisher
 from protos.edgefleet.v1 import update_pb2
@@ -37,33 +47,42 @@ from protos.errors import RetryLater
 log = logging.getLogger(__name__)
 
 FINISHED = {DeviceRolloutState.COMMITTED, DeviceRolloutState.FAILED,
-            DeviceRolloutState.ROLLED_BACK, DeviceRolloutState.CANCELLED}
-NOT_DESIRED = {DeviceRolloutState.PENDING, DeviceRolloutState.FAILED,
-               DeviceRolloutState.ROLLED_BACK, DeviceRolloutState.CANCELLED}
+            DeviceRolloutState.ROLLED_BACK, DeviceRolloutState.CANCELLED,
+            DeviceRolloutState.PENDING}
 _BATCH = 500
 
 
-def note_offer(db: DbEngine, device_id: str, update_id: str) -> None:
-    """Remember that ``update_id`` is the offer retained for ``device_id`` now."""
+def model_key(name: str, variant: str) -> str:
+    """The device-side key of (model, variant): its slots and its offer topic."""
+    return f"{name}.{variant}" if variant else name
+
+
+def note_offer(db: DbEngine, device_id: str, update_id: str, *, key: str = "") -> None:
+    """Remember that ``update_id`` is the offer retained for (device, model key) now."""
     with session_scope(db) as s:
-        d = s.get(DeviceDesired, device_id) or DeviceDesired(device_id=device_id)
-        d.offer_update_id = update_id
-        s.add(d)
+        if not key:
+            d = s.get(DeviceDesired, device_id) or DeviceDesired(device_id=device_id)
+            d.offer_update_id = update_id
+            s.add(d)
+            return
+        row = s.exec(select(DeviceOffer).where(DeviceOffer.device_id == device_id,
+                                               DeviceOffer.model_key == key)).first()
+        row = row or DeviceOffer(device_id=device_id, model_key=key)
+        row.update_id = update_id
+        s.add(row)
 
 
-def desired_models(rows: Iterable[DeviceRollout]) -> list[dict[str, Any]]:
-    """Per model name, the highest version offered and not failed; sorted by name. Variant
-    rows (lighter engines shipped beside the main one) are not listed: DesiredModel names
-    the main engine."""
-    best: dict[str, DeviceRollout] = {}
-    for r in rows:
-        if r.state in NOT_DESIRED or not r.update_id or not r.model_name or r.variant:
+def desired_models(targets: Iterable[DeviceTarget]) -> list[dict[str, Any]]:
+    """DesiredModel fields of a device's targets, sorted by (name, variant)."""
+    out = []
+    for t in sorted(targets, key=lambda t: (t.model_name, t.variant)):
+        if not t.target_sha256:
             continue
-        cur = best.get(r.model_name)
-        if cur is None or (r.version, r.updated_ms) > (cur.version, cur.updated_ms):
-            best[r.model_name] = r
-    return [{"name": n, "version": int(r.version), "target_sha256": r.target_sha256,
-             "update_id": r.update_id} for n, r in sorted(best.items())]
+        out.append({"name": t.model_name, "variant": t.variant, "version": int(t.version),
+                    "revision": int(t.revision),
+                    "engine_version": int(t.engine_version or t.version),
+                    "target_sha256": t.target_sha256, "update_id": t.update_id})
+    return out
 
 
 def _digest(models: list[dict[str, Any]]) -> str:
@@ -78,17 +97,28 @@ async def sync_devices(*, db: DbEngine, keys: KeyStore, publisher: Publisher,
     for i in range(0, len(ids), _BATCH):
         batch = ids[i:i + _BATCH]
         with session_scope(db) as s:
-            rows = s.exec(select(DeviceRollout).where(
-                col(DeviceRollout.device_id).in_(batch))).all()
+            targets = s.exec(select(DeviceTarget).where(
+                col(DeviceTarget.device_id).in_(batch))).all()
             known = {d.device_id: d for d in s.exec(select(DeviceDesired).where(
                 col(DeviceDesired.device_id).in_(batch))).all()}
-        by_dev: dict[str, list[DeviceRollout]] = {}
-        for r in rows:
-            by_dev.setdefault(r.device_id, []).append(r)
+            offers = s.exec(select(DeviceOffer).where(
+                col(DeviceOffer.device_id).in_(batch), DeviceOffer.update_id != "")).all()
+            uids = {o.update_id for o in offers} | {d.offer_update_id for d in known.values()
+                                                     if d.offer_update_id}
+            states = {r.update_id: r.state for r in s.exec(select(DeviceRollout).where(
+                col(DeviceRollout.update_id).in_(uids))).all()} if uids else {}
+        by_dev: dict[str, list[DeviceTarget]] = {}
+        for t in targets:
+            by_dev.setdefault(t.device_id, []).append(t)
+        offers_by: dict[str, list[DeviceOffer]] = {}
+        for o in offers:
+            offers_by.setdefault(o.device_id, []).append(o)
         for dev in batch:
             try:
                 published += await _sync_one(db, keys, publisher, dev, by_dev.get(dev, []),
                                               known.get(dev), now_ms)
+                published += await _clear_finished(db, publisher, dev, offers_by.get(dev, []),
+                                                   known.get(dev), by_dev.get(dev, []), states)
             except RetryLater as e:
                 log.info("desired state of device %s not published: %s", dev, e)
                 return published
@@ -96,42 +126,67 @@ async def sync_devices(*, db: DbEngine, keys: KeyStore, publisher: Publisher,
 
 
 async def _sync_one(db: DbEngine, keys: KeyStore, publisher: Publisher, dev: str,
-                    rows: list[DeviceRollout], known: DeviceDesired | None,
+                    targets: list[DeviceTarget], known: DeviceDesired | None,
                     now_ms: int) -> int:
-    n = 0
-    models = desired_models(rows)
+    models = desired_models(targets)
     digest = _digest(models)
-    if (known.digest if known else "") != digest and (models or known is not None):
-        gen = (known.generation if known else 0) + 1
-        msg = update_pb2.DesiredState(device_id=dev, generation=gen, issued_at_ms=now_ms)
-        for m in models:
-            msg.models.add(**m)
-        await publisher.publish_desired(dev, keys.sign(msg))
-        with session_scope(db) as s:
-            d = s.get(DeviceDesired, dev) or DeviceDesired(device_id=dev)
-            d.generation, d.digest, d.models, d.published_ms = gen, digest, models, now_ms
-            s.add(d)
-        log.info("device %s: desired state generation %d: %s", dev, gen,
-                 ", ".join(f"{m['name']} v{m['version']}" for m in models) or "nothing")
-        n += 1
-    if known is None or not known.offer_update_id:
-        return n
-    by_id = {r.update_id: r for r in rows}
-    # re-read right before clearing: another rollout may have offered since the batch read;
-    # no await between this check and the publish call keeps their order on the wire
+    if (known.digest if known else "") == digest or (not models and known is None):
+        return 0
+    gen = (known.generation if known else 0) + 1
+    msg = update_pb2.DesiredState(device_id=dev, generation=gen, issued_at_ms=now_ms)
+    for m in models:
+        msg.models.add(**m)
+    await publisher.publish_desired(dev, keys.sign(msg))
     with session_scope(db) as s:
-        cur = s.get(DeviceDesired, dev)
-        uid = cur.offer_update_id if cur is not None else ""
-        row = by_id.get(uid) if uid else None
-        if cur is None or not uid or (row is not None and row.state not in FINISHED):
-            return n
-        cur.offer_update_id = ""
-        s.add(cur)
-    try:
-        await publisher.clear_offer(dev)
-    except RetryLater:
-        note_offer(db, dev, uid)       # not cleared: try again next pass
-        raise
-    log.info("device %s: retained offer %s cleared (%s)", dev, uid,
-             row.state.value if row is not None else "update gone")
-    return n + 1
+        d = s.get(DeviceDesired, dev) or DeviceDesired(device_id=dev)
+        d.generation, d.digest, d.models, d.published_ms = gen, digest, models, now_ms
+        s.add(d)
+    log.info("device %s: desired state generation %d: %s", dev, gen,
+             ", ".join(f"{model_key(m['name'], m['variant'])} v{m['version']}"
+                       f"{'r' + str(m['revision']) if m['revision'] else ''}"
+                       for m in models) or "nothing")
+    return 1
+
+
+async def _clear_finished(db: DbEngine, publisher: Publisher, dev: str,
+                          offers: list[DeviceOffer], known: DeviceDesired | None,
+                          targets: list[DeviceTarget],
+                          states: dict[str, DeviceRolloutState]) -> int:
+    live = {t.update_id for t in targets if t.update_id}
+    n = 0
+    for o in offers:
+        st = states.get(o.update_id)
+        if o.update_id in live and (st is None or st not in FINISHED):
+            continue
+        # re-read right before clearing: a pass may have offered since the batch read; no
+        # await between this check and the publish keeps their order on the wire
+        with session_scope(db) as s:
+            cur = s.get(DeviceOffer, o.id)
+            if cur is None or cur.update_id != o.update_id:
+                continue
+            cur.update_id = ""
+            s.add(cur)
+        try:
+            await publisher.clear_offer(dev, o.model_key)
+        except RetryLater:
+            note_offer(db, dev, o.update_id, key=o.model_key)   # try again next pass
+            raise
+        log.info("device %s: retained offer %s of %s cleared (%s)", dev, o.update_id,
+                 o.model_key, st.value if st is not None else "update gone")
+        n += 1
+    if known is not None and known.offer_update_id:      # the legacy single offer topic
+        uid = known.offer_update_id
+        st = states.get(uid)
+        if st is None or st in FINISHED or uid not in live:
+            with session_scope(db) as s:
+                desired = s.get(DeviceDesired, dev)
+                if desired is not None and desired.offer_update_id == uid:
+                    desired.offer_update_id = ""
+                    s.add(desired)
+            try:
+                await publisher.clear_offer(dev)
+            except RetryLater:
+                note_offer(db, dev, uid)
+                raise
+            n += 1
+    return n

@@ -32,6 +32,7 @@ from sqlmodel import select
 from controller.fleet.db import session_scope
 from controller.fleet.models import Engine, ResourcePhase
 from controller.reconcile.common import condition, meta
+from controller.reconcile.versions import version_problem
 from controller.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,12 @@ async def reconcile_model(resource: dict[str, Any], ctx: ModelContext) -> dict[s
             condition(prev, "Ready", False, "SourceMissing", why, generation=gen, now_ms=now),
             condition(prev, "Compiled", False, "SourceMissing", why, generation=gen, now_ms=now),
         ], sourceSha256=src)
+    with session_scope(ctx.db) as s:
+        refused = version_problem(s, _ns, name, spec, None)
+    if refused:
+        return done(ResourcePhase.FAILED.value, [], [
+            condition(prev, "Ready", False, "VersionNotIncreasing", refused, generation=gen,
+                      now_ms=now)], sourceSha256=src, version=int(spec.get("version") or 0))
     val_sha = ((spec.get("validation") or {}).get("samples") or {}).get("sha256")
     if val_sha and not ctx.store.has(val_sha):
         why = f"validation samples {val_sha} are not in the store"
@@ -177,9 +184,14 @@ async def reconcile_model(resource: dict[str, Any], ctx: ModelContext) -> dict[s
                           "VariantCompileFailed" if variant_failures else "AsExpected"),
                       "; ".join(m for m in (fail_msg, var_msg) if m),
                       generation=gen, now_ms=now)]
-    return done(phase, engines, conds, sourceSha256=src, compiledClasses=summary,
-                failures=failures, version=int(spec.get("version") or 0),
-                variants=variants)
+    status = done(phase, engines, conds, sourceSha256=src, compiledClasses=summary,
+                  failures=failures, version=int(spec.get("version") or 0),
+                  variants=variants)
+    if engines:
+        from controller.reconcile.rollouts import record_model_version
+
+        record_model_version(ctx.db, {**resource, "status": status}, now)
+    return status
 
 
 async def _compile_targets(

@@ -1,30 +1,29 @@
-"""EdgeRollout reconcile: ship one EdgeModel version to selected devices, wave by wave.
+"""EdgeRollout reconcile: a policy that moves desired targets wave by wave.
 
 ``reconcile_rollout(resource, ctx)`` is called by ControllerCore's reconcile loop and by
-controller.crd.source. Everything is derived from the database, so it is level-triggered
-and a restart resumes where it stood without offering a device twice:
+the cluster controller. Everything is derived from the database and recomputed on every
+pass (level-triggered), so a restarted controller resumes where it stood without offering
+a device twice:
 
-1. select devices (Device table) by ``spec.selector`` (deviceClasses, devices,
-   matchLabels; empty = every device of the model's target classes with an engine);
-2. assign each new device a wave (``count`` or cumulative ``percent``), as a
-   DeviceRollout row keyed by (rollout, device, version);
-3. walk the waves in order: offer the open wave's pending devices (delta planned by
-   controller.ota.planner, manifest by controller.ota.offers, signed, published retained by
-   controller.ota.publisher); a wave passes its health gate when minSuccessPercent of its
-   devices committed, at most maxFailed failed, and soakSeconds passed since its last
-   commit; a gate that can no longer pass fails the rollout and stops it;
-4. lighter variants (EdgeModel ``spec.variants``, compiled per class in
-   ``status.variants``): once a device committed the main engine, each variant with an
-   engine for its class is offered to it as its own update (manifest ``variant`` set, the
-   model's version, its own DeviceRollout row with ``variant``), one update in flight per
-   device at a time because a device has one retained offer topic. Variants do not take
-   part in the health gates; the rollout is Complete once they are finished too.
+1. the release: the EdgeModel's version and its engines per device class, or with
+   ``spec.rollbackTo`` the engines of an earlier version shipped as a new revision;
+2. the devices: selector matches, minus those a newer rollout of the same model owns
+   (``Superseded``) and those whose class has no engine; each keeps its wave
+   (RolloutMember) across versions; a device that appears later joins the newest wave that
+   passed its gate for this release (never a failed wave's);
+3. the waves in order: a wave whose gate passed (WaveGate row) stays passed; the open
+   wave's devices get their DeviceTarget (controller.reconcile.targets) and an offer when
+   they do not serve it (controller.reconcile.offering); the gate
+   (controller.reconcile.gates) judges installs and serving health; a failed gate backs
+   the wave's devices out to their previous engine (``onFailure: rollback``) and pauses;
+   later waves are never offered;
+4. status: the comparison of desired and observed for the current release only (counters
+   never exceed the fleet), history apart; then the devices' DesiredStates and finished
+   offers (controller.reconcile.desired).
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import math
 import time
@@ -35,26 +34,29 @@ from typing import Any
 from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import col, select
 
+from controller.fleet import events
 from controller.fleet.db import session_scope
 from controller.fleet.models import (
     Device,
-    DeviceRollout,
     DeviceRolloutState,
-    Engine,
-    ResourcePhase,
+    DeviceTarget,
+    ModelVersion,
+    RolloutMember,
+    WaveGate,
 )
-from controller.ota import offers
 from controller.ota.keys import KeyStore
 from controller.ota.planner import DeltaPlanner
-from controller.ota.publisher import OfferInfo, Publisher
-from controller.reconcile.common import condition, meta
-from controller.reconcile.desired import note_offer, sync_devices
+from controller.ota.publisher import Publisher
+from controller.reconcile import gates as gating
+from controller.reconcile import offering
+from controller.reconcile.desired import sync_devices
+from controller.reconcile.rollout_status import build_status, pending_status
+from controller.reconcile.spec import RolloutSpec, owner_order
+from controller.reconcile.targets import DeviceView, served, view
 from controller.settings import Settings
 from protos.errors import RetryLater
 
 log = logging.getLogger(__name__)
-FAILED_STATES = {DeviceRolloutState.FAILED, DeviceRolloutState.ROLLED_BACK}
-FINISHED_STATES = FAILED_STATES | {DeviceRolloutState.COMMITTED}
 
 
 @dataclass
@@ -72,410 +74,531 @@ class RolloutContext:
     # ask the caller to reconcile again after this many seconds (a soak ends); level-
     # triggered, so the timer only kicks the loop. None: the caller's periodic resync only
     requeue_after: Callable[[float], None] | None = None
+    # live EdgeRollout resource dicts (ownership between rollouts of one model)
+    list_rollouts: Callable[[], list[dict[str, Any]]] = field(default=lambda: [])
+    # (model resource) -> ProbeSpec | None: the on-device accuracy probe shipped with offers
+    probe_for: Callable[[dict[str, Any]], Any] | None = None
 
 
-def chunk_size_for(spec: dict[str, Any], settings: Settings) -> int:
+@dataclass(frozen=True)
+class Release:
+    """What the rollout ships now."""
+
+    model: str
+    version: int                  # anti-rollback major: the EdgeModel's spec.version
+    engine_version: int           # the model version whose engines ship (rollbackTo)
+    engines: dict[str, dict[str, Any]]   # device class -> engine entry
+    variants: dict[str, dict[str, dict[str, Any]]]
+    reason: str                   # rollout | undo
+    retry: int
+
+    @property
+    def key(self) -> str:
+        return f"v{self.version}e{self.engine_version}"
+
+
+def chunk_size_for(spec: RolloutSpec, settings: Settings) -> int:
     """The rollout's ``chunkSizeBytes``, never above the controller's ``chunk_size_bytes``."""
-    want = int(spec.get("chunkSizeBytes") or settings.chunk_size_bytes)
+    want = int(spec.chunk_size_bytes or settings.chunk_size_bytes)
     return max(1, min(want, settings.chunk_size_bytes, settings.MAX_CHUNK_SIZE_BYTES))
 
 
-def _served_sha(device: Device, model_name: str, variant: str = "") -> str:
-    """sha256 of the engine the device has loaded for (model, variant); "" when none.
-
-    ``active`` is not required: while the thermal policy serves a variant, the main engine
-    is loaded but not active, and it is still what the device has installed."""
-    for m in device.models or []:
-        if m.get("name") == model_name and str(m.get("variant") or "") == variant:
-            return str(m.get("sha256") or "")
-    return ""
-
-
-def select_devices(spec: dict[str, Any], classes: list[str], db: DbEngine) -> list[Device]:
+def select_devices(spec: RolloutSpec, classes: list[str], db: DbEngine) -> list[Device]:
     """Devices matching the selector (fields ANDed), sorted by id."""
-    sel = spec.get("selector") or {}
-    want_classes = set(sel.get("deviceClasses") or classes)
-    want_ids = set(sel.get("devices") or [])
-    labels = sel.get("matchLabels") or {}
+    sel = spec.selector
+    want_classes = set(sel.device_classes or classes)
+    want_ids = set(sel.devices)
     with session_scope(db) as s:
         rows = s.exec(select(Device).where(col(Device.device_class).in_(want_classes))).all()
-    out = []
-    for d in rows:
-        if want_ids and d.device_id not in want_ids:
-            continue
-        if any(str((d.labels or {}).get(k)) != str(v) for k, v in labels.items()):
-            continue
-        out.append(d)
+    out = [d for d in rows if (not want_ids or d.device_id in want_ids)
+           and all(str((d.labels or {}).get(k)) == v for k, v in sel.match_labels.items())]
     return sorted(out, key=lambda d: d.device_id)
 
 
-def wave_bounds(waves: list[dict[str, Any]], n: int) -> list[int]:
+def wave_bounds(spec: RolloutSpec, n: int) -> list[int]:
     """Cumulative end index of each wave over ``n`` sorted devices."""
     bounds, prev = [], 0
-    for w in waves:
-        if "count" in w:
-            end = prev + int(w["count"])
-        else:
-            end = math.ceil(int(w.get("percent", 100)) * n / 100)
+    for w in spec.waves:
+        end = prev + w.count if w.count is not None else math.ceil((w.percent or 100) * n / 100)
         prev = max(prev, min(n, end))
         bounds.append(prev)
     return bounds
 
 
-async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> dict[str, Any]:
-    """Advance the rollout as far as the gates allow; return its status."""
-    ns, name, gen = meta(resource)
-    key = f"{ns}/{name}"
-    spec = resource.get("spec") or {}
-    prev = resource.get("status") or {}
-    now = ctx.now_ms()
-    waves = list(spec.get("waves") or [{"name": "all", "percent": 100}])
-
-    def pending(reason: str, msg: str, **extra: Any) -> dict[str, Any]:
-        return {"observedGeneration": gen, "phase": ResourcePhase.PENDING.value,
-                "message": msg, **extra, "conditions": [
-                    condition(prev, "Progressing", False, reason, msg, generation=gen,
-                              now_ms=now)]}
-
-    model = ctx.get_model(ns, str(spec.get("model", "")))
-    if model is None:
-        return pending("ModelNotFound", f"EdgeModel {ns}/{spec.get('model')} does not exist")
-    mstatus = model.get("status") or {}
-    mgen = int((model.get("metadata") or {}).get("generation") or 1)
-    version = int((model.get("spec") or {}).get("version") or 0)
-    if spec.get("version") and int(spec["version"]) != version:
-        return pending("VersionMismatch", f"EdgeModel {spec['model']} is at version {version}, "
-                                          f"the rollout asks for {spec['version']}")
-    engines = {e["deviceClass"]: e for e in mstatus.get("engines") or []}
-    if mstatus.get("observedGeneration") != mgen or not engines:
-        return pending("WaitingForEngines",
-                       f"EdgeModel {spec['model']} has no compiled engines yet", version=version)
-    model_name = str(spec["model"])
-    chunk = chunk_size_for(spec, ctx.settings)
-    rate = int(spec.get("maxBytesPerSecond") or 0)
-    ctx.publisher.set_rollout_rate(key, rate, chunk_size=chunk)
-
-    # 1-2. select devices, create rows for new ones
-    devices = {d.device_id: d for d in
-               select_devices(spec, list(engines), ctx.db)}
-    unsupported = sorted(i for i, d in devices.items() if d.device_class not in engines)
-    targets = [i for i in sorted(devices) if i not in unsupported]
-    bounds = wave_bounds(waves, len(targets))
-    with session_scope(ctx.db) as s:
-        rows = {r.device_id: r for r in s.exec(select(DeviceRollout).where(
-            DeviceRollout.rollout == key, DeviceRollout.version == version,
-            DeviceRollout.variant == "")).all()}
-        _restart_cancelled(s, rows.values(), now)
-        current = _first_open_wave(rows, waves, now) if rows else 0
-        for pos, dev_id in enumerate(targets):
-            if dev_id in rows:
-                continue
-            w = next((i for i, b in enumerate(bounds) if pos < b), None)
-            if w is None:
-                continue
-            row = DeviceRollout(rollout=key, device_id=dev_id, model_name=model_name,
-                                wave=max(w, current), version=version,
-                                target_sha256=engines[devices[dev_id].device_class]["sha256"],
-                                updated_ms=now)
-            s.add(row)
-            rows[dev_id] = row
-
-    if not rows:
-        return pending("NoDevices", "no devices match the selector yet", version=version,
-                       targeted=0, updated=0, failed=0, bytesSent=0, devices={},
-                       unsupported=unsupported)
-
-    # 3. walk the waves
-    paused = bool(spec.get("paused"))
-    phase, message, current_wave, blocked = ResourcePhase.COMPLETE.value, "", "", False
-    offer = _OfferParams(key=key, version=version, model_name=model_name, chunk_size=chunk,
-                         max_bytes_per_second=rate)
-    for wi, wave in enumerate(waves):
-        wrows = [r for r in rows.values() if r.wave == wi]
-        gate = {"minSuccessPercent": 100, "soakSeconds": 0, "maxFailed": 0,
-                **(wave.get("healthGate") or {})}
-        if not paused:
-            await _offer_pending(ctx, wrows, devices, engines, offer)
-        verdict, why, wait_ms = _gate(wrows, gate, now)
-        if verdict == "passed":
-            continue
-        if wait_ms and ctx.requeue_after is not None:
-            ctx.requeue_after(wait_ms / 1000)   # the soak ends: look again then
-        current_wave = str(wave.get("name", wi))
-        if verdict == "failed":
-            phase, message = ResourcePhase.FAILED.value, f"wave {current_wave}: {why}"
-        else:
-            phase = ResourcePhase.PAUSED.value if paused else ResourcePhase.PROGRESSING.value
-            message = f"wave {current_wave}: {why}"
-        blocked = True
-        break
-    # 4. lighter variants, for the devices that committed the main engine
-    vrows = await _sync_variants(ctx, rows, devices, _variant_engines(mstatus), offer,
-                                 paused=paused)
-    if not blocked:
-        current_wave = str(waves[-1].get("name", "")) if waves else ""
-        message = f"all {len(rows)} devices updated"
-        open_v = sorted({r.device_id for r in vrows if r.state not in FINISHED_STATES})
-        if open_v:
-            phase = ResourcePhase.PAUSED.value if paused else ResourcePhase.PROGRESSING.value
-            message = (f"all {len(rows)} devices updated; variants in progress on "
-                       f"{', '.join(open_v[:5])}{' ...' if len(open_v) > 5 else ''}")
-
-    # retained per-device state: DesiredState when it changed, finished offers cleared
-    await sync_devices(db=ctx.db, keys=ctx.keys, publisher=ctx.publisher,
-                       device_ids=rows.keys(), now_ms=ctx.now_ms())
-    return _status(rows, waves, gen=gen, prev=prev, now=now, phase=phase, message=message,
-                   current_wave=current_wave, version=version, unsupported=unsupported,
-                   variant_rows=vrows)
-
-
-def _restart_cancelled(s: Any, rows: Any, now: int) -> None:
-    """Rows cancelled when a rollout of this name was deleted start over (re-applied)."""
-    for r in rows:
-        if r.state == DeviceRolloutState.CANCELLED:
-            r.state, r.reason, r.updated_ms = DeviceRolloutState.PENDING, "rollout re-applied", now
-            s.add(r)
-
-
-def _first_open_wave(rows: dict[str, DeviceRollout], waves: list[dict[str, Any]],
-                     now: int) -> int:
-    for wi, wave in enumerate(waves):
-        wrows = [r for r in rows.values() if r.wave == wi]
-        gate = {"minSuccessPercent": 100, "soakSeconds": 0, "maxFailed": 0,
-                **(wave.get("healthGate") or {})}
-        if _gate(wrows, gate, now)[0] != "passed":
-            return wi
-    return max(0, len(waves) - 1)
-
-
-def _gate(rows: list[DeviceRollout], gate: dict[str, Any],
-          now: int) -> tuple[str, str, int]:
-    """("passed" | "waiting" | "failed", why, ms until the soak ends (0 = not soaking))."""
-    n = len(rows)
-    if n == 0:
-        return "passed", "no devices", 0
-    ok = sum(r.state == DeviceRolloutState.COMMITTED for r in rows)
-    bad = sum(r.state in FAILED_STATES for r in rows)
-    open_ = n - ok - bad
-    need = float(gate["minSuccessPercent"])
-    if bad > int(gate["maxFailed"]):
-        return "failed", f"{bad} device(s) failed, maxFailed is {gate['maxFailed']}", 0
-    if (ok + open_) * 100.0 / n < need:
-        return "failed", (f"{ok}/{n} committed can no longer reach minSuccessPercent "
-                          f"{gate['minSuccessPercent']}"), 0
-    if open_:
-        return "waiting", f"{ok}/{n} committed, {open_} in progress", 0
-    if ok * 100.0 / n < need:
-        return "failed", f"{ok}/{n} committed, below minSuccessPercent {need:g}", 0
-    last = max((r.updated_ms for r in rows if r.state == DeviceRolloutState.COMMITTED),
-               default=0)
-    soak_ms = int(gate["soakSeconds"]) * 1000
-    if now < last + soak_ms:
-        return ("waiting", f"soaking for {(last + soak_ms - now) // 1000 + 1}s",
-                last + soak_ms - now)
-    return "passed", "gate passed", 0
-
-
-@dataclass(frozen=True)
-class _OfferParams:
-    key: str                   # namespace/name of the rollout
-    version: int
-    model_name: str
-    chunk_size: int
-    max_bytes_per_second: int
-    variant: str = ""          # "" = the main engine
-
-
-async def _offer_pending(ctx: RolloutContext, rows: list[DeviceRollout],
-                         devices: dict[str, Device], engines: dict[str, dict[str, Any]],
-                         p: _OfferParams) -> None:
-    now = ctx.now_ms()
-    for row in rows:
-        # expire offers nobody acted on; a later reconcile re-offers with a fresh expiry
-        if (row.state == DeviceRolloutState.OFFERED and row.offered_ms
-                and now > row.offered_ms + ctx.settings.offer_ttl_s * 1000):
-            _save(ctx, row, state=DeviceRolloutState.PENDING, reason="offer expired")
-        if row.state != DeviceRolloutState.PENDING:
-            continue
-        dev = devices.get(row.device_id)
-        if dev is None:
-            continue            # no longer selected: leave it pending
-        served = _served_sha(dev, p.model_name, p.variant)
-        if served == row.target_sha256:
-            _save(ctx, row, state=DeviceRolloutState.COMMITTED, reason="already serving target")
-            continue
-        eng = engines.get(dev.device_class)
-        if eng is None:
-            continue
-        try:
-            await _offer_one(ctx, row, dev, eng, p, base=served)
-        except RetryLater as e:
-            log.info("offer to %s deferred: %s", row.device_id, e)
+def record_model_version(db: DbEngine, model: dict[str, Any], now_ms: int) -> None:
+    """Remember the engines of a Ready EdgeModel version (undo ships them again later)."""
+    md, spec, st = model.get("metadata") or {}, model.get("spec") or {}, model.get("status") or {}
+    ns, name, version = str(md.get("namespace") or "default"), str(md.get("name")), int(
+        spec.get("version") or 0)
+    engines = {e["deviceClass"]: e for e in st.get("engines") or [] if e.get("sha256")}
+    if not engines or not version:
+        return
+    with session_scope(db) as s:
+        row = s.exec(select(ModelVersion).where(ModelVersion.namespace == ns,
+                                                ModelVersion.name == name,
+                                                ModelVersion.version == version)).first()
+        src = str((spec.get("source") or {}).get("sha256") or "")
+        if row is not None and row.engines == engines and row.source_sha256 == src:
             return
-        except Exception as e:
-            log.exception("offer to device %s failed", row.device_id)
-            _save(ctx, row, state=DeviceRolloutState.FAILED, reason=f"offer failed: {e}")
+        row = row or ModelVersion(namespace=ns, name=name, version=version, created_ms=now_ms)
+        row.source_sha256, row.engines = src, engines
+        row.variants = list(st.get("variants") or [])
+        s.add(row)
 
 
-async def _offer_one(ctx: RolloutContext, row: DeviceRollout, dev: Device,
-                     eng: dict[str, Any], p: _OfferParams, *, base: str) -> None:
-    target = str(eng["sha256"])
-    with session_scope(ctx.db) as s:
-        erow = s.exec(select(Engine).where(Engine.engine_sha256 == target)).first()
-    fp = dict(erow.fingerprint) if erow else {}
-    sig = dict(erow.signature) if erow else {}
-    payload = await asyncio.to_thread(ctx.planner.payload_for, base_sha256=base,
-                                      target_sha256=target)
-    chunk = p.chunk_size
-    update_id = offers.make_update_id(p.key, dev.device_id, p.version, payload.sha256,
-                                      chunk, variant=p.variant)
-    manifest = await asyncio.to_thread(
-        offers.build_manifest, update_id=update_id, device_id=dev.device_id,
-        device_class=dev.device_class, model_name=p.model_name, version=p.version,
-        target_sha256=target, target_size=ctx.planner.store.size(target), payload=payload,
-        chunk_size=chunk, ttl_s=ctx.settings.offer_ttl_s, fingerprint=fp, signature=sig,
-        rollout=p.key, variant=p.variant)
-    env = ctx.keys.sign(manifest)
-    info = OfferInfo(update_id, dev.device_id, payload.path, payload.size, chunk,
-                     rollout=p.key, max_bytes_per_second=p.max_bytes_per_second)
-    # the row first: a restarted publisher rebuilds the offer (chunk size, cap) from it
-    _save(ctx, row, update_id=update_id, chunk_size=chunk,
-          max_bytes_per_second=p.max_bytes_per_second, target_sha256=target,
-          base_sha256=payload.base_sha256, codec=payload.codec, payload_size=payload.size)
-    await ctx.publisher.publish_offer(dev.device_id, env, info)
-    note_offer(ctx.db, dev.device_id, update_id)
-    _save(ctx, row, state=DeviceRolloutState.OFFERED, reason="", offered_ms=ctx.now_ms())
-    log.info("offered %s%s v%d to %s: %s %d bytes, %d-byte chunks (update %s)", p.model_name,
-             f" variant {p.variant}" if p.variant else "", p.version, dev.device_id,
-             payload.codec, payload.size, chunk, update_id)
-
-
-def _variant_engines(mstatus: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{variant name: {device class: engine entry}} from the EdgeModel status."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
+def _release(spec: RolloutSpec, model: dict[str, Any], ctx: RolloutContext
+             ) -> Release | str:
+    """The release to ship, or why there is none yet."""
+    mspec, mstatus = model.get("spec") or {}, model.get("status") or {}
+    mgen = int((model.get("metadata") or {}).get("generation") or 1)
+    version = int(mspec.get("version") or 0)
+    if spec.version and spec.version != version:
+        return (f"VersionMismatch:EdgeModel {spec.model} is at version {version}, the rollout "
+                f"asks for {spec.version}")
+    engines = {e["deviceClass"]: e for e in mstatus.get("engines") or [] if e.get("sha256")}
+    refused = next((c for c in mstatus.get("conditions") or []
+                    if c.get("reason") == "VersionNotIncreasing"), None)
+    if refused is not None and mstatus.get("observedGeneration") == mgen:
+        return f"ModelVersionRefused:{refused.get('message')}"
+    if mstatus.get("observedGeneration") != mgen or not engines:
+        return f"WaitingForEngines:EdgeModel {spec.model} has no compiled engines yet"
+    record_model_version(ctx.db, model, ctx.now_ms())
+    variants: dict[str, dict[str, dict[str, Any]]] = {}
     for v in mstatus.get("variants") or []:
-        engines = {e["deviceClass"]: e for e in v.get("engines") or [] if e.get("sha256")}
-        if v.get("name") and engines:
-            out[str(v["name"])] = engines
+        ve = {e["deviceClass"]: e for e in v.get("engines") or [] if e.get("sha256")}
+        if v.get("name") and ve:
+            variants[str(v["name"])] = ve
+    if spec.rollback_to is None or spec.rollback_to == version:
+        return Release(spec.model, version, version, engines, variants, "rollout", spec.retry)
+    if spec.rollback_to > version:
+        return (f"BadRollbackTo:rollbackTo.version {spec.rollback_to} is not older than the "
+                f"model's version {version}")
+    with session_scope(ctx.db) as s:
+        old = s.exec(select(ModelVersion).where(
+            ModelVersion.namespace == spec.namespace, ModelVersion.name == spec.model,
+            ModelVersion.version == spec.rollback_to)).first()
+    if old is None:
+        return (f"BadRollbackTo:no engines recorded for {spec.model} version "
+                f"{spec.rollback_to}")
+    return Release(spec.model, version, spec.rollback_to, dict(old.engines), {}, "undo",
+                   spec.retry)
+
+
+def _superseded(spec: RolloutSpec, devices: dict[str, Device], classes: list[str],
+                ctx: RolloutContext) -> dict[str, str]:
+    """Device id -> the newer rollout of the same model that owns it."""
+    out: dict[str, str] = {}
+    mine = owner_order(spec)
+    for other in ctx.list_rollouts():
+        o = RolloutSpec.from_resource(other)
+        if (o.namespace, o.model) != (spec.namespace, spec.model) or o.key == spec.key:
+            continue
+        if owner_order(o) <= mine:
+            continue
+        for d in select_devices(o, classes, ctx.db):
+            if d.device_id in devices:
+                out.setdefault(d.device_id, o.key)
     return out
 
 
-IN_FLIGHT_STATES = {DeviceRolloutState.OFFERED, DeviceRolloutState.DOWNLOADING,
-                    DeviceRolloutState.VERIFYING, DeviceRolloutState.PATCHING,
-                    DeviceRolloutState.STAGED, DeviceRolloutState.ACTIVATING}
-
-
-async def _sync_variants(ctx: RolloutContext, rows: dict[str, DeviceRollout],
-                         devices: dict[str, Device],
-                         variant_engines: dict[str, dict[str, dict[str, Any]]],
-                         p: _OfferParams, *, paused: bool) -> list[DeviceRollout]:
-    """Create and offer the variant rows of devices that committed the main engine; returns
-    every variant row of this rollout version."""
+async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> dict[str, Any]:
+    """Advance the rollout as far as its gates allow; return its status."""
+    spec = RolloutSpec.from_resource(resource)
+    prev = resource.get("status") or {}
     now = ctx.now_ms()
+    model = ctx.get_model(spec.namespace, spec.model)
+    if model is None:
+        return pending_status(spec, prev, now, "ModelNotFound",
+                              f"EdgeModel {spec.namespace}/{spec.model} does not exist")
+    rel = _release(spec, model, ctx)
+    if isinstance(rel, str):
+        reason, _, msg = rel.partition(":")
+        return pending_status(spec, prev, now, reason, msg)
+    chunk = chunk_size_for(spec, ctx.settings)
+    ctx.publisher.set_rollout_rate(spec.key, spec.max_bytes_per_second, chunk_size=chunk)
+    classes = sorted(rel.engines)
+    selected = {d.device_id: d for d in select_devices(spec, classes, ctx.db)}
+    superseded = _superseded(spec, selected, classes, ctx)
+    unsupported = sorted(i for i, d in selected.items() if d.device_class not in rel.engines)
+    owned = {i: d for i, d in selected.items() if i not in superseded and i not in unsupported}
     with session_scope(ctx.db) as s:
-        have = {(r.device_id, r.variant): r for r in s.exec(select(DeviceRollout).where(
-            DeviceRollout.rollout == p.key, DeviceRollout.version == p.version,
-            DeviceRollout.variant != "")).all()}
-        _restart_cancelled(s, have.values(), now)
-        for dev_id, main in rows.items():
-            dev = devices.get(dev_id)
-            if main.state != DeviceRolloutState.COMMITTED or dev is None:
-                continue
-            for vname, engines in sorted(variant_engines.items()):
-                eng = engines.get(dev.device_class)
-                if eng is None or (dev_id, vname) in have:
-                    continue
-                row = DeviceRollout(rollout=p.key, device_id=dev_id, model_name=p.model_name,
-                                    variant=vname, wave=main.wave, version=p.version,
-                                    target_sha256=str(eng["sha256"]), updated_ms=now)
-                s.add(row)
-                have[(dev_id, vname)] = row
-    if paused:
-        return list(have.values())
-    by_dev: dict[str, list[DeviceRollout]] = {}
-    for (dev_id, _v), row in sorted(have.items()):
-        by_dev.setdefault(dev_id, []).append(row)
-    for dev_id, vrows in by_dev.items():
-        dev = devices.get(dev_id)
-        if dev is None:
+        gates = {(g.wave): g for g in s.exec(select(WaveGate).where(
+            WaveGate.rollout == spec.key, WaveGate.release == rel.key)).all()
+            if g.verdict == "passed" or g.signals.get("retry", 0) == spec.retry}
+    members = _members(ctx, spec, owned, gates, now)
+    if not owned:
+        return pending_status(spec, prev, now, "NoDevices", "no devices match the selector yet"
+                              + (f" ({len(superseded)} owned by newer rollouts)"
+                                 if superseded else ""),
+                              superseded=superseded, unsupported=unsupported)
+    deadline = spec.progress_deadline_s
+    hb_ms = int(getattr(ctx.settings, "heartbeat_interval_s", 10) * 1000)
+    params = offering.OfferParams(
+        rollout=spec.key, chunk_size=chunk, max_bytes_per_second=spec.max_bytes_per_second,
+        ttl_s=min(ctx.settings.offer_ttl_s, max(deadline * 6, 300)),
+        probe=_probe(ctx, model) if rel.reason == "rollout" else None)
+    active = not spec.paused and not spec.aborted
+    views: dict[str, DeviceView] = {}
+    wave_results: dict[int, gating.GateResult] = {}
+    blocked: tuple[int, str] | None = None          # (wave, why) where the walk stopped
+    failed_gate: WaveGate | None = None
+    for wi, wave in enumerate(spec.waves):
+        wdevs = sorted(d for d, m in members.items() if m.wave == wi)
+        g = gates.get(wi)
+        if active or g is not None:
+            await _targets_for(ctx, spec, rel, [owned[d] for d in wdevs], wi, params, now,
+                               offer=active and (g is None or g.verdict == "passed"))
+        for d in wdevs:
+            views[d] = _view(ctx, spec, rel, d, wi, owned.get(d), now, deadline, hb_ms)
+        if g is not None and g.verdict == "passed":
+            wave_results[wi] = gating.GateResult("passed", g.message, dict(g.signals))
             continue
-        # one update in flight per device: the device has one retained offer topic
-        busy = [r for r in vrows if r.state in IN_FLIGHT_STATES]
-        todo = busy or [r for r in vrows if r.state == DeviceRolloutState.PENDING][:1]
-        for row in todo:
-            engines = variant_engines.get(row.variant, {})
-            await _offer_pending(ctx, [row], devices, engines,
-                                 dataclasses.replace(p, variant=row.variant))
-    return list(have.values())
+        if g is not None:                              # failed this round
+            wave_results[wi] = gating.GateResult("failed", g.message, dict(g.signals))
+            failed_gate, blocked = g, (wi, g.message)
+            break
+        res = gating.evaluate([views[d] for d in wdevs], wave.gate, wave=wave.name,
+                              model=rel.model, version=rel.version, now_ms=now,
+                              stats=_stats_fn(ctx))
+        wave_results[wi] = res
+        if res.verdict == "passed" and not spec.aborted:
+            _decide(ctx, spec, rel, wi, res, now)
+            continue
+        if res.verdict == "failed" and not spec.aborted:
+            failed_gate = _decide(ctx, spec, rel, wi, res, now)
+            blocked = (wi, res.message)
+            break
+        if res.wait_ms and ctx.requeue_after is not None:
+            ctx.requeue_after(res.wait_ms / 1000)
+        blocked = (wi, res.message)
+        break
+    for d, m in members.items():                      # waves not reached: not offered
+        if d not in views:
+            views[d] = _view(ctx, spec, rel, d, m.wave, owned.get(d), now, deadline, hb_ms,
+                             open_=False)
+    if failed_gate is not None and not failed_gate.acted:
+        await _back_out(ctx, spec, rel, failed_gate, members, owned, now)
+    if spec.aborted:
+        await _abort(ctx, spec, rel, owned, now)
+    if active:
+        await _variants(ctx, spec, rel, views, owned, params, now)
+    _device_events(ctx, spec, prev, views, superseded, now)
+    await sync_devices(db=ctx.db, keys=ctx.keys, publisher=ctx.publisher,
+                       device_ids=list(owned), now_ms=ctx.now_ms())
+    return build_status(spec, prev, now, rel=rel, views=views, wave_results=wave_results,
+                        blocked=blocked, failed_gate=failed_gate, superseded=superseded,
+                        unsupported=unsupported, db=ctx.db)
 
 
-def _save(ctx: RolloutContext, row: DeviceRollout, **changes: Any) -> None:
-    """Write changes to the row, re-reading it so concurrent ingest updates are kept."""
+def _probe(ctx: RolloutContext, model: dict[str, Any]) -> Any:
+    if ctx.probe_for is None:
+        return None
+    try:
+        return ctx.probe_for(model)
+    except Exception as e:   # a probe must never block a rollout
+        log.warning("accuracy probe for %s not built: %s", (model.get("metadata") or {})
+                    .get("name"), e)
+        return None
+
+
+def _stats_fn(ctx: RolloutContext) -> gating.StatsFn | None:
+    try:
+        from controller.fleet import windows
+    except ImportError:
+        return None
+
+    def stats(model: str, version: int, ids: list[str], since: int, until: int | None) -> Any:
+        return windows.window_stats(ctx.db, model=model, version=version, device_ids=ids,
+                                    since_ms=since, until_ms=until)
+    return stats
+
+
+def _members(ctx: RolloutContext, spec: RolloutSpec, owned: dict[str, Device],
+             gates: dict[int, WaveGate], now: int) -> dict[str, RolloutMember]:
+    """Wave of every owned device; new devices get one (initial split, or a late join)."""
     with session_scope(ctx.db) as s:
-        fresh = s.get(DeviceRollout, row.id)
-        if fresh is None:
+        have = {m.device_id: m for m in s.exec(select(RolloutMember).where(
+            RolloutMember.rollout == spec.key)).all()}
+        new = [d for d in sorted(owned) if d not in have]
+        if new:
+            if not have:
+                bounds = wave_bounds(spec, len(new))
+                for pos, d in enumerate(new):
+                    w = next((i for i, b in enumerate(bounds) if pos < b), len(bounds) - 1)
+                    have[d] = RolloutMember(rollout=spec.key, device_id=d, wave=w, joined_ms=now)
+                    s.add(have[d])
+            else:
+                passed = [w for w, g in gates.items() if g.verdict == "passed"]
+                failed = [w for w, g in gates.items() if g.verdict != "passed"]
+                w = max(passed) if passed and not failed else len(spec.waves) - 1
+                for d in new:
+                    have[d] = RolloutMember(rollout=spec.key, device_id=d, wave=w,
+                                            joined_ms=now, late=True)
+                    s.add(have[d])
+                log.info("rollout %s: %d late device(s) join wave %s", spec.key, len(new),
+                         spec.waves[min(w, len(spec.waves) - 1)].name)
+    return {d: m for d, m in have.items() if d in owned}
+
+
+def _new_pair(t: DeviceTarget | None, dev: Device, model: str, variant: str,
+              version: int) -> tuple[int, int]:
+    srv = served(dev, model, variant)
+    base = max((t.version, t.revision) if t is not None else (0, 0), srv.pair)
+    return (version, 0) if version > base[0] else (base[0], base[1] + 1)
+
+
+async def _targets_for(ctx: RolloutContext, spec: RolloutSpec, rel: Release,
+                       devs: list[Device], wave: int, params: offering.OfferParams,
+                       now: int, *, offer: bool) -> None:
+    """Set the release's target on each device of an open wave and offer what is missing."""
+    todo: list[tuple[DeviceTarget, Device]] = []
+    with session_scope(ctx.db) as s:
+        for dev in devs:
+            eng = rel.engines.get(dev.device_class)
+            if eng is None:
+                continue
+            t = s.exec(select(DeviceTarget).where(DeviceTarget.device_id == dev.device_id,
+                                                  DeviceTarget.model_name == rel.model,
+                                                  DeviceTarget.variant == "")).first()
+            t = _want(s, t, dev, rel, spec, str(eng["sha256"]), now)
+            if t is not None:
+                todo.append((t, dev))
+    if not offer:
+        return
+    for t, dev in todo:
+        try:
+            await _offer_if_needed(ctx, t, dev, params, wave=wave)
+        except RetryLater as e:
+            log.info("offer to %s deferred: %s", dev.device_id, e)
             return
-        if changes.get("state") == DeviceRolloutState.OFFERED and fresh.state != row.state:
-            changes.pop("state")   # the device already moved on
-        for k, v in changes.items():
-            setattr(fresh, k, v)
-        fresh.updated_ms = ctx.now_ms()
-        s.add(fresh)
-    for k, v in changes.items():
-        setattr(row, k, v)
-    row.updated_ms = fresh.updated_ms
 
 
-def _state_text(r: DeviceRollout) -> str:
-    return str(r.state.value if hasattr(r.state, "value") else r.state)
+def _want(s: Any, t: DeviceTarget | None, dev: Device, rel: Release, spec: RolloutSpec,
+          sha: str, now: int) -> DeviceTarget | None:
+    """The device's target for this release (created or moved as the policy says)."""
+    ev = rel.engine_version
+    if t is not None and t.rollout == spec.key and t.version == rel.version:
+        if t.reason in ("backout", "abort"):
+            if (t.reason == "abort" and not spec.aborted) or spec.retry > t.retry:
+                pass                                   # resumed / retried: ship again
+            else:
+                return t
+        elif t.target_sha256 == sha and (t.engine_version or t.version) == ev:
+            if spec.retry > t.retry:                   # retry: re-offer a failed attempt
+                t.retry, t.progress_ms = spec.retry, now
+                a = offering.attempt_of(s, t)
+                if a is not None and a.state in (DeviceRolloutState.FAILED,
+                                                 DeviceRolloutState.ROLLED_BACK):
+                    t.update_id = ""
+                s.add(t)
+            return t
+    if (t is not None and t.rollout != spec.key and t.version == rel.version
+            and t.target_sha256 == sha and t.reason == "rollout"):
+        t.rollout = spec.key                           # a newer rollout takes it over
+        s.add(t)
+        return t
+    if t is not None and t.version > rel.version:
+        return None                                    # someone shipped a newer version
+    srv = served(dev, rel.model)
+    keep_prev = t is not None and t.rollout == spec.key and t.version == rel.version
+    if t is None:
+        t = DeviceTarget(device_id=dev.device_id, model_name=rel.model, variant="")
+    version, revision = _new_pair(t if t.id is not None else None, dev, rel.model, "",
+                                  rel.version)
+    if not keep_prev:
+        t.prev_sha256, t.prev_version = srv.sha256, srv.engine_version or srv.version
+        t.prev_revision, t.prev_engine_version = srv.revision, srv.engine_version or srv.version
+    t.version, t.revision, t.engine_version = version, revision, ev
+    t.target_sha256, t.rollout, t.reason = sha, spec.key, rel.reason
+    t.set_ms = t.progress_ms = now
+    t.reached_ms, t.update_id, t.retry = None, "", spec.retry
+    s.add(t)
+    s.flush()
+    return t
 
 
-def _status(rows: dict[str, DeviceRollout], waves: list[dict[str, Any]], *, gen: int,
-            prev: dict[str, Any], now: int, phase: str, message: str, current_wave: str,
-            version: int, unsupported: list[str],
-            variant_rows: list[DeviceRollout] | None = None) -> dict[str, Any]:
-    vals = list(rows.values())
-    vrows = sorted(variant_rows or [], key=lambda r: (r.device_id, r.variant))
-    updated = sum(r.state == DeviceRolloutState.COMMITTED for r in vals)
-    failed = sum(r.state in FAILED_STATES for r in vals)
-    devices: dict[str, dict[str, Any]] = {r.device_id: {"state": r.state.value if hasattr(r.state, "value") else r.state,
-                             "wave": str(waves[r.wave].get("name", r.wave))
-                             if r.wave < len(waves) else str(r.wave),
-                             "reason": r.reason, "bytesSent": r.bytes_sent,
-                             "codec": r.codec, "payloadSize": r.payload_size,
-                             "updateId": r.update_id}
-               for r in sorted(vals, key=lambda r: r.device_id)}
-    for r in vrows:
-        if r.device_id in devices:
-            devices[r.device_id].setdefault("variants", {})[r.variant] = {
-                "state": _state_text(r), "reason": r.reason, "bytesSent": r.bytes_sent,
-                "codec": r.codec, "payloadSize": r.payload_size, "updateId": r.update_id}
-    wave_status = []
-    for wi, w in enumerate(waves):
-        wr = [r for r in vals if r.wave == wi]
-        wave_status.append({"name": str(w.get("name", wi)), "devices": len(wr),
-                            "committed": sum(r.state == DeviceRolloutState.COMMITTED for r in wr),
-                            "failed": sum(r.state in FAILED_STATES for r in wr)})
-    complete = phase == ResourcePhase.COMPLETE.value
-    is_failed = phase == ResourcePhase.FAILED.value
-    conds = [
-        condition(prev, "Progressing", phase == ResourcePhase.PROGRESSING.value,
-                  "WaveInProgress" if not (complete or is_failed) else
-                  ("RolloutComplete" if complete else "HealthGateFailed"), message,
-                  generation=gen, now_ms=now),
-        condition(prev, "Complete", complete, "AllDevicesUpdated" if complete else "NotYet",
-                  message, generation=gen, now_ms=now),
-        condition(prev, "Degraded", is_failed or failed > 0,
-                  "HealthGateFailed" if is_failed else ("DevicesFailed" if failed else
-                                                        "AsExpected"),
-                  message, generation=gen, now_ms=now),
-    ]
-    return {"observedGeneration": gen, "phase": phase, "version": version,
-            "currentWave": current_wave, "targeted": len(vals), "updated": updated,
-            "failed": failed, "bytesSent": sum(r.bytes_sent for r in [*vals, *vrows]),
-            "variants": {
-                "targeted": len(vrows),
-                "updated": sum(r.state == DeviceRolloutState.COMMITTED for r in vrows),
-                "failed": sum(r.state in FAILED_STATES for r in vrows)},
-            "devices": devices, "waves": wave_status, "unsupported": unsupported,
-            "message": message, "conditions": conds}
+async def _offer_if_needed(ctx: RolloutContext, t: DeviceTarget, dev: Device,
+                           params: offering.OfferParams, *, wave: int) -> None:
+    srv = served(dev, t.model_name, t.variant)
+    if srv.sha256 == t.target_sha256 and srv.pair == (t.version, t.revision):
+        return
+    with session_scope(ctx.db) as s:
+        a = offering.attempt_of(s, t)
+    now = ctx.now_ms()
+    if a is not None and a.state == DeviceRolloutState.OFFERED and a.offered_ms and (
+            now > a.offered_ms + params.ttl_s * 1000):
+        a = None                                       # expired: offer again, fresh expiry
+    elif a is not None and a.state not in (DeviceRolloutState.PENDING,
+                                           DeviceRolloutState.CANCELLED):
+        return
+    try:
+        await offering.offer(ctx, t, dev, params, wave=wave)
+    except RetryLater:
+        raise
+    except Exception as e:
+        log.exception("offer to device %s failed", dev.device_id)
+        events.emit(ctx.db, kind="Device", name=dev.device_id, reason=events.UPDATE_FAILED,
+                    type_="Warning", message=f"offer of {t.model_name} v{t.version} could not "
+                                             f"be built: {e}", now_ms=now)
+
+
+def _view(ctx: RolloutContext, spec: RolloutSpec, rel: Release, dev_id: str, wave: int,
+          dev: Device | None, now: int, deadline: int, hb_ms: int, *,
+          open_: bool = True) -> DeviceView:
+    with session_scope(ctx.db) as s:
+        t = s.exec(select(DeviceTarget).where(DeviceTarget.device_id == dev_id,
+                                              DeviceTarget.model_name == rel.model,
+                                              DeviceTarget.variant == "")).first()
+        if t is not None and (t.rollout != spec.key or t.version != rel.version
+                              or not open_ and t.reason == "rollout"
+                              and (t.engine_version or t.version) != rel.engine_version):
+            t = None
+        a = offering.attempt_of(s, t) if t is not None else None
+        if t is not None:
+            v = view(device_id=dev_id, wave=wave, device=dev, target=t, attempt=a,
+                     model=rel.model, now_ms=now, deadline_s=deadline, heartbeat_ms=hb_ms)
+            if v.state in ("updated", "backed_out") and not t.reached_ms:
+                t.reached_ms = now
+                s.add(t)
+                v.reached_ms = now
+            elif v.state not in ("updated", "backed_out") and t.reached_ms:
+                t.reached_ms = None
+                s.add(t)
+            return v
+    return view(device_id=dev_id, wave=wave, device=dev, target=None, attempt=None,
+                model=rel.model, now_ms=now, deadline_s=deadline, heartbeat_ms=hb_ms)
+
+
+def _decide(ctx: RolloutContext, spec: RolloutSpec, rel: Release, wave: int,
+            res: gating.GateResult, now: int) -> WaveGate:
+    """Persist a gate decision (once per release, wave and retry round) with an Event."""
+    name = spec.waves[wave].name
+    with session_scope(ctx.db) as s:
+        g = s.exec(select(WaveGate).where(WaveGate.rollout == spec.key,
+                                          WaveGate.release == rel.key,
+                                          WaveGate.wave == wave)).first()
+        g = g or WaveGate(rollout=spec.key, release=rel.key, wave=wave)
+        g.verdict, g.message, g.decided_ms = res.verdict, res.message, now
+        g.signals, g.acted = {**res.signals, "retry": spec.retry}, res.verdict == "passed"
+        s.add(g)
+    failed = res.verdict == "failed"
+    events.emit(ctx.db, kind="EdgeRollout", name=spec.key,
+                reason=events.GATE_FAILED if failed else events.GATE_PASSED,
+                type_="Warning" if failed else "Normal", now_ms=now,
+                message=f"wave {name} of v{rel.version}: {res.message}")
+    return g
+
+
+async def _back_out(ctx: RolloutContext, spec: RolloutSpec, rel: Release, g: WaveGate,
+                    members: dict[str, RolloutMember], owned: dict[str, Device],
+                    now: int) -> None:
+    """A failed gate: the wave's devices return to their previous engine (onFailure
+    rollback) as a higher revision; then the decision is marked acted on."""
+    wave_devs = [d for d, m in members.items() if m.wave == g.wave and d in owned]
+    n = 0
+    if spec.on_failure == "rollback":
+        n = _move_back(ctx, spec, rel, wave_devs, owned, now, reason="backout")
+    with session_scope(ctx.db) as s:
+        fresh = s.get(WaveGate, g.id)
+        if fresh is not None:
+            fresh.acted = True
+            s.add(fresh)
+    g.acted = True
+    if n:
+        events.emit(ctx.db, kind="EdgeRollout", name=spec.key, reason=events.ROLLED_BACK,
+                    type_="Warning", now_ms=now,
+                    message=f"wave {spec.waves[g.wave].name}: {n} device(s) return to their "
+                            f"previous engine after the gate failed ({g.message}); the "
+                            "remaining waves are not offered")
+
+
+async def _abort(ctx: RolloutContext, spec: RolloutSpec, rel: Release,
+                 owned: dict[str, Device], now: int) -> None:
+    n = _move_back(ctx, spec, rel, sorted(owned), owned, now, reason="abort")
+    if n:
+        events.emit(ctx.db, kind="EdgeRollout", name=spec.key, reason=events.ROLLED_BACK,
+                    type_="Warning", now_ms=now,
+                    message=f"aborted: {n} device(s) return to their previous engine")
+
+
+def _move_back(ctx: RolloutContext, spec: RolloutSpec, rel: Release, devs: list[str],
+               owned: dict[str, Device], now: int, *, reason: str) -> int:
+    """Targets of ``devs`` set by this release go back to the previous engine."""
+    n = 0
+    with session_scope(ctx.db) as s:
+        for d in devs:
+            t = s.exec(select(DeviceTarget).where(DeviceTarget.device_id == d,
+                                                  DeviceTarget.model_name == rel.model,
+                                                  DeviceTarget.variant == "")).first()
+            if (t is None or t.rollout != spec.key or t.reason in ("backout", "abort")
+                    or t.version != rel.version or not t.prev_sha256):
+                continue
+            srv = served(owned.get(d), rel.model)
+            if srv.sha256 == t.prev_sha256:           # never left it: nothing to ship
+                t.version, t.revision = srv.pair
+                t.engine_version = srv.engine_version or srv.version
+            else:
+                base = max((t.version, t.revision), srv.pair)
+                t.version, t.revision = base[0], base[1] + 1
+                t.engine_version = t.prev_engine_version or t.prev_version
+            t.target_sha256, t.reason, t.retry = t.prev_sha256, reason, spec.retry
+            t.set_ms = t.progress_ms = now
+            t.reached_ms, t.update_id = None, ""
+            s.add(t)
+            n += 1
+    return n
+
+
+async def _variants(ctx: RolloutContext, spec: RolloutSpec, rel: Release,
+                    views: dict[str, DeviceView], owned: dict[str, Device],
+                    params: offering.OfferParams, now: int) -> None:
+    """Lighter variants (EdgeModel spec.variants), for devices that run the main engine."""
+    for dev_id, v in views.items():
+        dev = owned.get(dev_id)
+        if v.state != "updated" or dev is None:
+            continue
+        for vname, engines in sorted(rel.variants.items()):
+            eng = engines.get(dev.device_class)
+            if eng is None:
+                continue
+            with session_scope(ctx.db) as s:
+                t = s.exec(select(DeviceTarget).where(DeviceTarget.device_id == dev_id,
+                                                      DeviceTarget.model_name == rel.model,
+                                                      DeviceTarget.variant == vname)).first()
+                if t is None or t.version < rel.version or t.target_sha256 != eng["sha256"]:
+                    pair = _new_pair(t, dev, rel.model, vname, rel.version)
+                    t = t or DeviceTarget(device_id=dev_id, model_name=rel.model,
+                                          variant=vname)
+                    t.version, t.revision = pair
+                    t.engine_version, t.target_sha256 = rel.engine_version, str(eng["sha256"])
+                    t.rollout, t.reason, t.set_ms, t.progress_ms = spec.key, "rollout", now, now
+                    t.update_id, t.reached_ms = "", None
+                    s.add(t)
+            try:
+                await _offer_if_needed(ctx, t, dev, params, wave=v.wave)
+            except RetryLater as e:
+                log.info("variant offer to %s deferred: %s", dev_id, e)
+                return
+
+
+def _device_events(ctx: RolloutContext, spec: RolloutSpec, prev: dict[str, Any],
+                   views: dict[str, DeviceView], superseded: dict[str, str], now: int) -> None:
+    """Events on per-device transitions seen against the previous status."""
+    before = prev.get("devices") or {}
+    for d, owner in superseded.items():
+        if (before.get(d) or {}).get("state") != "superseded":
+            events.emit(ctx.db, kind="EdgeRollout", name=spec.key, reason=events.SUPERSEDED,
+                        now_ms=now, message=f"device {d} is now owned by the newer rollout "
+                                            f"{owner}")
+    for d, v in views.items():
+        old = (before.get(d) or {}).get("state")
+        if v.state == old:
+            continue
+        if v.state == "stalled":
+            events.emit(ctx.db, kind="EdgeRollout", name=spec.key, reason=events.STALLED,
+                        type_="Warning", now_ms=now, message=f"device {d}: {v.reason}")
+        elif v.state in ("failed", "rolled_back"):
+            events.emit(ctx.db, kind="EdgeRollout", name=spec.key, reason=events.UPDATE_FAILED,
+                        type_="Warning", now_ms=now, message=f"device {d}: {v.state}: "
+                                                             f"{v.reason}"[:500])
+

@@ -113,7 +113,7 @@ class FakeDevice:
         self._chunks: dict[str, dict[int, bytes]] = {}
         self.client = mqtt_client(self.port, f"dev-{self.device_id}")
         self.client.on_message = self._on_message
-        for leaf in (topics.OFFER, topics.CHUNK, topics.DESIRED):
+        for leaf in (topics.OFFER, topics.OFFERS, topics.CHUNK, topics.DESIRED):
             self.client.subscribe(topics.device_topic(self.device_id, leaf), qos=1)
         self.client.subscribe(topics.TRUST_KEYS, qos=1)
 
@@ -151,7 +151,7 @@ class FakeDevice:
         self.client = mqtt_client(self.port, f"dev-{self.device_id}")
         self.client.on_message = self._on_message
         self.client.subscribe(topics.TRUST_KEYS, qos=1)
-        for leaf in (topics.OFFER, topics.CHUNK, topics.DESIRED):
+        for leaf in (topics.OFFER, topics.OFFERS, topics.CHUNK, topics.DESIRED):
             self.client.subscribe(topics.device_topic(self.device_id, leaf), qos=1)
 
     # -- callbacks (paho thread) --------------------------------------------------------------
@@ -159,7 +159,7 @@ class FakeDevice:
         if msg.topic == topics.TRUST_KEYS:
             env = update_pb2.SignedEnvelope.FromString(msg.payload)
             self.trust.accept_key_list(env)
-        elif msg.topic.endswith("/update/offer") and not msg.payload:
+        elif _is_offer(msg.topic) and not msg.payload:
             with self._lock:
                 self.empty_offers += 1
         elif msg.topic.endswith("/desired"):
@@ -169,7 +169,7 @@ class FakeDevice:
                 assert ds.device_id == self.device_id
                 with self._lock:
                     self.desired.append(ds)
-        elif msg.topic.endswith("/update/offer"):
+        elif _is_offer(msg.topic):
             env = update_pb2.SignedEnvelope.FromString(msg.payload)
             m = self.trust.verify(env, update_pb2.UpdateManifest)
             assert m.device_id == self.device_id and m.device_class == self.device_class
@@ -179,7 +179,9 @@ class FakeDevice:
                     return
                 self.offers.append(m)
                 self._chunks[m.update_id] = {}
-            if self.auto_fetch:
+            if self.auto_fetch and m.codec == "slot":
+                self._commit(m)                 # the engine is already on the device
+            elif self.auto_fetch:
                 self.status(m, common_pb2.UPDATE_STATE_DOWNLOADING)
                 self.request(m, list(range(min(self.window, len(m.chunk_sha256)))))
         elif msg.topic.endswith("/update/chunk"):
@@ -210,11 +212,23 @@ class FakeDevice:
         if self.fail_updates:
             self.status(m, common_pb2.UPDATE_STATE_FAILED, "smoke check failed (test)")
             return
-        self.served = [device_pb2.ServedModel(name=m.model_name, version=m.version,
-                                              sha256=m.target_sha256, active=True, slot="b")]
+        self._commit(m)
+
+    def _commit(self, m: update_pb2.UpdateManifest) -> None:
+        """Serve the manifest's target (other models and variants stay) and report it."""
+        keep = [x for x in self.served if (x.name, x.variant) != (m.model_name, m.variant)]
+        self.served = keep + [device_pb2.ServedModel(
+            name=m.model_name, version=m.version, sha256=m.target_sha256, active=True,
+            slot="b", revision=m.revision, engine_version=m.engine_version,
+            variant=m.variant, update_id=m.update_id)]
         self.status(m, common_pb2.UPDATE_STATE_COMMITTED)
         self.committed.append(m.update_id)
         self.heartbeat()
+
+
+def _is_offer(topic: str) -> bool:
+    """The legacy single offer topic or a per-model one (update/offer/{model_key})."""
+    return topic.endswith("/update/offer") or "/update/offer/" in topic
 
 
 def write_bytes(path: Path, data: bytes) -> Path:

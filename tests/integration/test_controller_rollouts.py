@@ -93,15 +93,19 @@ async def test_failed_canary_stops_the_rollout(tmp_path: Path, mosquitto) -> Non
         core.apply([edge_rollout("r", "m", [
             {"name": "canary", "count": 1, "healthGate": {"maxFailed": 0}},
             {"name": "rest", "percent": 100}])])
-        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Failed" and x,
-                              timeout_s=60, what="rollout failed")
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Paused" and x,
+                              timeout_s=60, what="rollout stopped at its gate")
         assert st["currentWave"] == "canary" and st["failed"] == 1 and st["updated"] == 0
-        assert "maxFailed" in st["message"]
+        assert "maxFailed" in st["message"] and "gate failed" in st["message"]
+        degraded = next(c for c in st["conditions"] if c["type"] == "Degraded")
+        assert degraded["status"] == "True" and degraded["reason"] == "GateFailed"
         assert st["devices"]["a-canary"]["state"] == "failed"
         n = core.reconcile_count
         await wait_until(lambda: core.reconcile_count >= n + 3, what="more reconciles")
-        rows = rollout_rows(core)
-        assert rows["b-dev"].state == "pending" and rows["c-dev"].state == "pending"
+        st = rollout_status(core)
+        assert st["devices"]["b-dev"]["state"] == "pending"
+        assert st["devices"]["c-dev"]["state"] == "pending"
+        assert "b-dev" not in rollout_rows(core) and "c-dev" not in rollout_rows(core)
         assert devs["b-dev"].offer_messages == 0 and devs["c-dev"].offer_messages == 0
         for d in devs.values():
             d.close()
@@ -114,15 +118,15 @@ async def test_restart_mid_rollout_does_not_reoffer(tmp_path: Path, mosquitto) -
         await ready_model(core, tmp_path)
         devs = await registered_devices(core, mosquitto.port, ["a-canary", "b-dev", "c-dev"])
         core.apply([edge_rollout("r", "m", waves)])
-        await wait_until(lambda: "soaking" in rollout_status(core).get("message", ""), timeout_s=60,
-                         what="canary soaking")
+        await wait_until(lambda: "observing" in rollout_status(core).get("message", ""),
+                         timeout_s=60, what="canary soaking")
     assert devs["a-canary"].offer_messages == 1 and len(devs["a-canary"].committed) == 1
     async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
         n = core.reconcile_count
         await wait_until(lambda: core.reconcile_count >= n + 4, what="reconciles after restart")
         st = rollout_status(core)
         assert st["phase"] == "Progressing" and st["currentWave"] == "canary"
-        assert st["devices"]["a-canary"]["state"] == "committed"
+        assert st["devices"]["a-canary"]["state"] == "updated"
         assert devs["a-canary"].offer_messages == 1
         assert devs["b-dev"].offer_messages == 0
         # end the soak: the rest goes on, the canary is not offered again

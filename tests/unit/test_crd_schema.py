@@ -143,13 +143,17 @@ def test_defaults_follow_the_schema() -> None:
     assert m["spec"]["validation"]["inputsKey"] == "inputs"
     r = schema.with_defaults(ROLLOUT)["spec"]
     assert r["chunkSizeBytes"] == 131072 and r["paused"] is False
+    assert r["onFailure"] == "rollback" and r["progressDeadlineSeconds"] == 600
+    assert r["aborted"] is False and r["retry"] == 0 and "rollbackTo" not in r
     assert r["waves"] == [{"name": "all", "percent": 100,
                            "healthGate": {"minSuccessPercent": 100, "soakSeconds": 0,
-                                          "maxFailed": 0}}]
+                                          "maxFailed": 0, "minRequests": 0,
+                                          "requireAccuracyProbe": False}}]
     given = _with(ROLLOUT, "spec.waves", [{"name": "c", "count": 1,
                                           "healthGate": {"soakSeconds": 30}}])
     gate = schema.with_defaults(given)["spec"]["waves"][0]["healthGate"]
-    assert gate == {"soakSeconds": 30, "minSuccessPercent": 100, "maxFailed": 0}
+    assert gate == {"soakSeconds": 30, "minSuccessPercent": 100, "maxFailed": 0,
+                    "minRequests": 0, "requireAccuracyProbe": False}
     assert "waves" not in ROLLOUT["spec"]  # input untouched
 
 

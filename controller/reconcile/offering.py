@@ -1,0 +1,125 @@
+"""Offers: carry the bytes of a DeviceTarget to its device.
+
+Called by controller.reconcile.rollouts for every target of the open waves that the
+device does not serve yet and that has no live offer. The payload is the smallest way from
+the engine the device serves to the target: codec ``slot`` (no bytes) when the target
+engine is already in one of the device's A/B slots (an identical-bytes version bump, a
+back-out or undo to the previous engine), else the planner's delta or full engine. The
+manifest (controller.ota.offers) binds version, revision, engine version and the optional
+on-device accuracy probe; it is signed and published retained on the device's per-model
+offer topic. The DeviceRollout row (keyed by update id) is the offer's record: the ingest
+moves its state, the publisher answers chunk requests from it; it is history, never a
+status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import select
+
+from controller.fleet.db import session_scope
+from controller.fleet.models import (
+    Device,
+    DeviceRollout,
+    DeviceRolloutState,
+    DeviceTarget,
+    Engine,
+)
+from controller.ota import offers
+from controller.ota.publisher import OfferInfo
+from controller.reconcile.desired import model_key, note_offer
+from controller.reconcile.targets import in_slots, served
+from protos.edgefleet.v1 import update_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OfferParams:
+    rollout: str                # namespace/name of the rollout making the offer
+    chunk_size: int
+    max_bytes_per_second: int
+    ttl_s: int
+    probe: update_pb2.ProbeSpec | None = None
+
+
+def attempt_of(s: Any, t: DeviceTarget) -> DeviceRollout | None:
+    if not t.update_id:
+        return None
+    return s.exec(select(DeviceRollout).where(DeviceRollout.update_id == t.update_id,
+                                              DeviceRollout.device_id == t.device_id)).first()
+
+
+async def offer(ctx: Any, t: DeviceTarget, dev: Device, p: OfferParams, *,
+                wave: int) -> DeviceRollout:
+    """Plan, sign, record and publish the offer for target ``t``; returns its row."""
+    target = t.target_sha256
+    with session_scope(ctx.db) as s:
+        erow = s.exec(select(Engine).where(Engine.engine_sha256 == target)).first()
+    fp = dict(erow.fingerprint) if erow else {}
+    sig = dict(erow.signature) if erow else {}
+    cur = served(dev, t.model_name, t.variant)
+    if in_slots(dev, target):
+        payload = offers.slot_payload(target)
+    else:
+        payload = await asyncio.to_thread(ctx.planner.payload_for, base_sha256=cur.sha256,
+                                          target_sha256=target)
+    update_id = offers.make_update_id(p.rollout, dev.device_id, t.version, payload.sha256,
+                                      p.chunk_size, variant=t.variant, revision=t.revision,
+                                      target_sha256=target, round_=t.retry)
+    manifest = await asyncio.to_thread(
+        offers.build_manifest, update_id=update_id, device_id=dev.device_id,
+        device_class=dev.device_class, model_name=t.model_name, version=t.version,
+        target_sha256=target, target_size=ctx.planner.store.size(target), payload=payload,
+        chunk_size=p.chunk_size, ttl_s=p.ttl_s, fingerprint=fp, signature=sig,
+        rollout=p.rollout, variant=t.variant, revision=t.revision,
+        engine_version=t.engine_version,
+        probe=p.probe if not t.variant and t.reason in ("rollout", "undo") else None)
+    env = ctx.keys.sign(manifest)
+    now = ctx.now_ms()
+    with session_scope(ctx.db) as s:
+        row = s.exec(select(DeviceRollout).where(DeviceRollout.update_id == update_id,
+                                                 DeviceRollout.device_id == dev.device_id)
+                     ).first()
+        if row is None:
+            row = DeviceRollout(rollout=p.rollout, device_id=dev.device_id,
+                                model_name=t.model_name, variant=t.variant, wave=wave,
+                                version=t.version, revision=t.revision,
+                                engine_version=t.engine_version, update_id=update_id)
+        # the row first: a restarted publisher rebuilds the offer (chunk size, cap) from it
+        row.target_sha256, row.base_sha256 = target, payload.base_sha256
+        row.codec, row.payload_size, row.chunk_size = payload.codec, payload.size, p.chunk_size
+        row.max_bytes_per_second, row.updated_ms = p.max_bytes_per_second, now
+        if row.state in (DeviceRolloutState.PENDING, DeviceRolloutState.CANCELLED):
+            row.state, row.reason = DeviceRolloutState.PENDING, ""
+        s.add(row)
+        fresh = s.get(DeviceTarget, t.id)
+        if fresh is not None:
+            fresh.update_id, fresh.progress_ms = update_id, now
+            s.add(fresh)
+        t.update_id, t.progress_ms = update_id, now
+    key = model_key(t.model_name, t.variant)
+    info = OfferInfo(update_id, dev.device_id, payload.path or ctx.planner.store.path(target),
+                     payload.size, p.chunk_size, rollout=p.rollout,
+                     max_bytes_per_second=p.max_bytes_per_second)
+    await ctx.publisher.publish_offer(dev.device_id, env, info, model_key=key)
+    note_offer(ctx.db, dev.device_id, update_id, key=key)
+    with session_scope(ctx.db) as s:
+        fresh_row = s.exec(select(DeviceRollout).where(
+            DeviceRollout.update_id == update_id,
+            DeviceRollout.device_id == dev.device_id)).one()
+        if fresh_row.state == DeviceRolloutState.PENDING:   # the device may have moved on
+            fresh_row.state = DeviceRolloutState.OFFERED
+        fresh_row.offered_ms = ctx.now_ms()
+        s.add(fresh_row)
+        s.flush()
+        s.refresh(fresh_row)
+        s.expunge(fresh_row)
+    log.info("offered %s v%d%s to %s: %s %d bytes (update %s, %s)", key, t.version,
+             f"r{t.revision}" if t.revision else "", dev.device_id, payload.codec,
+             payload.size, update_id, t.reason)
+    return fresh_row
