@@ -1,8 +1,12 @@
 """The agent process: wires the MQTT link, trust store, update manager, model registry,
 local inference server, heartbeats and metrics.
 
-Startup order matters: the committed engines are loaded from the slots BEFORE connecting,
-so a board serves its last good model even with no network. Created by :mod:`agent.cli`
+Startup order matters: the start is counted (``Heartbeat.restarts``), then the committed
+engines are loaded from the slots BEFORE connecting (with the integrity / crash-loop
+fallbacks of :mod:`agent.update.serving`), so a board serves its last good model even with
+no network. Offers arrive on ``update/offer`` and on the per-model ``update/offer/{key}``
+topics; the signed DesiredState on ``desired`` goes to the update manager (verified there,
+after any key list that arrived before it). Created by :mod:`agent.cli`
 (``edgefleet-agent run --config FILE``) and by tests in-process.
 
 ``serve.batching`` (dynamic batching per model) is applied after every activation of a
@@ -22,6 +26,7 @@ from agent.config import AgentConfig, ConfigError
 from agent.mqtt import MqttLink
 from agent.telemetry.heartbeat import HeartbeatBuilder, device_facts
 from agent.trust_store import TrustStore
+from agent.update.health import Counter
 from agent.update.manager import UpdateManager
 from agent.update.slots import SlotStore
 from agent.update.state import StateStore
@@ -54,9 +59,13 @@ class Agent:
                                      publish=self._publish,
                                      connection_id=lambda: self.link.connection_id())
         dev = cfg.device_id
+        def offer(b: bytes) -> None:
+            self.updates.submit("offer", b)
+
         handlers = {  # trust keys first: retained messages arrive in subscription order
             topics.TRUST_KEYS: lambda b: self.updates.submit("keys", b),
-            topics.device_topic(dev, topics.OFFER): lambda b: self.updates.submit("offer", b),
+            topics.device_topic(dev, topics.OFFER): offer,
+            topics.device_topic(dev, topics.OFFERS): offer,   # update/offer/{model key}
             topics.device_topic(dev, topics.CHUNK): lambda b: self.updates.submit("chunk", b),
             topics.device_topic(dev, topics.DESIRED): self._on_desired,
         }
@@ -71,10 +80,16 @@ class Agent:
         self.collector: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.desired_generation = 0
+        self.restarts = 0
+
+    @property
+    def desired_generation(self) -> int:
+        """Generation of the newest signed DesiredState acted on (persisted)."""
+        return self.updates.desired.generation
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
+        self.restarts = Counter(self.cfg.data_path / "health" / "restarts.json").increment()
         loaded = self.updates.load_committed()
         log.info("device %s: serving %d committed model(s) before connecting: %s",
                  self.cfg.device_id, len(loaded),
@@ -92,7 +107,10 @@ class Agent:
         self.heartbeats = HeartbeatBuilder(
             device_id=self.cfg.device_id, device_class=self.cfg.device_class,
             facts=device_facts(), served=self._served, progress=self.updates.progress,
-            health=self._health, serve_url=serve_url, labels=self.cfg.labels)
+            health=self._health, serve_url=serve_url, labels=self.cfg.labels,
+            slots=self.updates.slot_report, faults=self.updates.faults.faults,
+            desired_generation=lambda: self.updates.desired.generation,
+            restarts=self.restarts)
         self.updates.start()
         self.link.start()
         self._thread = threading.Thread(target=self._loop, name="agent-telemetry", daemon=True)
@@ -150,39 +168,26 @@ class Agent:
         self.send_heartbeat()
 
     def _on_desired(self, data: bytes) -> None:
-        from protos import envelope
-        from protos.edgefleet.v1 import update_pb2
-        from protos.errors import Rejected
-
-        if not data:  # retained desired state cleared
-            return
-        try:
-            env = envelope.parse_envelope(data, max_bytes=self.cfg.limits.max_envelope_bytes)
-            ds = self.trust.state.verify(env, update_pb2.DesiredState)
-        except Rejected as e:
-            log.warning("device %s: desired state ignored: %s (%s)", self.cfg.device_id, e,
-                        e.reason)
-            return
-        if ds.device_id and ds.device_id != self.cfg.device_id:
-            log.warning("device %s: desired state for %s ignored", self.cfg.device_id,
-                        ds.device_id)
-            return
-        self.desired_generation = ds.generation
-        log.info("device %s: desired state generation %d: %s", self.cfg.device_id,
-                 ds.generation, ", ".join(f"{m.name} v{m.version}" for m in ds.models))
+        """The signed DesiredState: verified and acted on by the update worker, in order
+        with the key list (:meth:`agent.update.manager.UpdateManager.handle_desired`)."""
+        self.updates.submit("desired", data)
 
     # ---- telemetry ------------------------------------------------------------------------
     def _served(self) -> list[device_pb2.ServedModel]:
+        """The engines in the registry, with the slot, revision, engine_version and update
+        id of the slot engine really loaded (by sha256)."""
         out = []
         for m in self.registry.served():
             key = f"{m.name}.{m.variant}" if m.variant else m.name
-            slot = ""
-            for s in ("a", "b"):  # the slot holding exactly the engine being served
-                info = self.slots.read_meta(key, s)
-                if info is not None and info.sha256 == m.sha256:
-                    slot = s
-                    break
-            out.append(m.to_proto(slot=slot))
+            info = self.updates.loaded_info(key)
+            if info is None or info.sha256 != m.sha256:
+                info = next((i for i in (self.slots.read_meta(key, s) for s in ("a", "b"))
+                             if i is not None and i.sha256 == m.sha256), None)
+            p = m.to_proto(slot=info.slot if info else "")
+            if info is not None:
+                p.revision, p.engine_version = info.revision, info.built_for
+                p.update_id = info.update_id
+            out.append(p)
         return out
 
     def send_heartbeat(self) -> bool:
@@ -247,7 +252,8 @@ class Agent:
 
 class _AfterActivation:
     """The registry as the update manager sees it: ``activate`` then ``after(name,
-    version)`` (used for ``serve.batching``). The manager calls nothing else on it."""
+    version)`` (used for ``serve.batching``); everything else (``get`` for the accuracy
+    probe) goes to the registry itself."""
 
     def __init__(self, registry: Any, after: Any) -> None:
         self._registry = registry
@@ -256,3 +262,6 @@ class _AfterActivation:
     def activate(self, **kwargs: Any) -> None:
         self._registry.activate(**kwargs)
         self._after(kwargs["name"], kwargs["version"])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._registry, name)

@@ -101,6 +101,11 @@ class UpdateConfig:
     max_retries: int = 5                # stalls in a row before the update fails (slow retrieval)
     request_window_chunks: int = 16     # chunks asked for at once (ChunkRequest window)
     activation_attempts: int = 2        # agent restarts during activation before rolling back
+    integrity_check_s: float = 300.0    # re-hash the active engine files this often (0 = off)
+    stable_after_s: float = 120.0       # a newly committed engine that served this long is
+                                        # no longer watched for crash loops
+    crash_loop_restarts: int = 3        # agent restarts with a new engine that never became
+                                        # stable; the next start falls back to the previous slot
 
 
 @dataclass
@@ -139,6 +144,12 @@ class AgentConfig:
                 raise ConfigError(f"limits.{name} must be > 0")
         if self.update.request_window_chunks <= 0:
             raise ConfigError("update.request_window_chunks must be > 0")
+        if self.update.integrity_check_s < 0:
+            raise ConfigError("update.integrity_check_s must be >= 0 (0 = off)")
+        if self.update.stable_after_s <= 0:
+            raise ConfigError("update.stable_after_s must be > 0")
+        if self.update.crash_loop_restarts < 1:
+            raise ConfigError("update.crash_loop_restarts must be >= 1")
         self.mqtt.protocol = str(self.mqtt.protocol)  # YAML reads `protocol: 5` as an int
         if self.mqtt.protocol not in MQTT_PROTOCOLS:
             raise ConfigError(f"mqtt.protocol must be one of {', '.join(MQTT_PROTOCOLS)}, "

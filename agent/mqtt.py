@@ -3,8 +3,11 @@
 Connects as client id = device id, sets the last will ``Presence(online=False, reason="lwt")``
 retained on ``.../presence``, publishes ``Presence(online=True)`` retained on every connect,
 (re)subscribes to the device's offer / chunk / desired topics and the trust key topic, and
-reconnects with exponential backoff. Incoming payloads over ``max_payload_bytes`` are dropped
-with a log line; handler errors are logged, never raised into paho's thread.
+reconnects with exponential backoff. A handler topic may be an MQTT filter (``+``/``#``, e.g.
+the per-model offers ``.../update/offer/#``): a message goes to the handler of its exact
+topic, else to the first filter that matches it. Incoming payloads over
+``max_payload_bytes`` are dropped with a log line; handler errors are logged, never raised
+into paho's thread.
 Created by :class:`agent.app.Agent`.
 
 With ``mqtt.tls`` set it connects over TLS with the device certificate (controller/pki.py),
@@ -217,6 +220,10 @@ class MqttLink:
                         "dropped", self.device_id, msg.topic, size, self.max_payload_bytes)
             return
         handler = self.handlers.get(msg.topic)
+        if handler is None:
+            handler = next((h for sub, h in self.handlers.items()
+                            if ("#" in sub or "+" in sub)
+                            and mqtt.topic_matches_sub(sub, msg.topic)), None)
         if handler is None:
             log.debug("message on unexpected topic %s ignored", msg.topic)
             return

@@ -3,7 +3,9 @@
 :func:`device_facts` reads architecture, the CPU flags that matter for engine selection,
 available runtimes (``agent.runtime.base.available_runtimes``), OS, CPU count, memory and
 board name once at startup. :class:`HeartbeatBuilder` assembles a ``Heartbeat`` message on
-each tick. Called by :class:`agent.app.Agent` every ``heartbeat_interval_s``.
+each tick: served models, every engine installed in a slot, update progress, recent faults,
+the DesiredState generation acted on and the count of agent starts. Called by
+:class:`agent.app.Agent` every ``heartbeat_interval_s``.
 """
 
 from __future__ import annotations
@@ -86,7 +88,11 @@ class HeartbeatBuilder:
                  served: Callable[[], list[device_pb2.ServedModel]],
                  progress: Callable[[], list[device_pb2.UpdateProgress]],
                  health: Callable[[], tuple[str, str]] = lambda: ("ok", ""),
-                 serve_url: str = "", labels: dict[str, str] | None = None) -> None:
+                 serve_url: str = "", labels: dict[str, str] | None = None,
+                 slots: Callable[[], list[device_pb2.ServedModel]] = list,
+                 faults: Callable[[], list[device_pb2.ModelFault]] = list,
+                 desired_generation: Callable[[], int] = lambda: 0,
+                 restarts: int = 0) -> None:
         self.device_id = device_id
         self.labels = {str(k): str(v) for k, v in (labels or {}).items()}
         self.device_class = device_class
@@ -94,6 +100,10 @@ class HeartbeatBuilder:
         self._served = served
         self._progress = progress
         self._health = health
+        self._slots = slots
+        self._faults = faults
+        self._desired_generation = desired_generation
+        self.restarts = restarts
         self.serve_url = serve_url
         self.started = time.monotonic()
         self.seq = 0
@@ -105,8 +115,11 @@ class HeartbeatBuilder:
             device_id=self.device_id, device_class=self.device_class, facts=self.facts,
             agent_version=AGENT_VERSION, uptime_s=int(time.monotonic() - self.started),
             sent_at_ms=int(time.time() * 1000), seq=self.seq, health=health,
-            health_reason=reason, serve_url=self.serve_url)
+            health_reason=reason, serve_url=self.serve_url,
+            desired_generation=self._desired_generation(), restarts=self.restarts)
         hb.labels.update(self.labels)
         hb.models.extend(self._served())
+        hb.slots.extend(self._slots())
         hb.updates.extend(self._progress())
+        hb.faults.extend(self._faults())
         return hb

@@ -5,7 +5,10 @@ checking its sha256 against the signed manifest (a bad chunk is rejected on arri
 appends the index to a journal (``chunks.idx``) so a restart knows what is on disk; on open it
 re-checks every journaled chunk against its hash. :class:`Transfer` asks for a window of
 missing chunks with ``ChunkRequest``, re-asks after a reconnect, and reports a stall when no
-chunk arrived for ``stall_timeout_s``. Used by :mod:`agent.update.manager`.
+chunk arrived for ``stall_timeout_s``. :class:`Fetcher` runs the transfers of every update
+being downloaded (one per model key at most): it routes incoming ``UpdateChunk`` messages,
+publishes the ``ChunkRequest``s, re-asks after reconnects and stalls, and hands a complete
+payload back to the update manager. Used by :mod:`agent.update.manager`.
 """
 
 from __future__ import annotations
@@ -13,19 +16,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.update.verify import VerifiedUpdate
-from protos.errors import Rejected
+from agent.config import AgentConfig
+from agent.update.state import ModelUpdateState, UpdateRecord, crash_point
+from agent.update.verify import VerifiedUpdate, model_key
+from protos import topics
+from protos.edgefleet.v1 import update_pb2
+from protos.errors import EdgefleetError, GiveUp, Rejected
 from protos.fsutil import sha256_file
 
 log = logging.getLogger(__name__)
 
 PARTIAL_NAME = "payload.part"
 JOURNAL_NAME = "chunks.idx"
+CHUNK_OVERHEAD_BYTES = 1024
 
 
 class ChunkAssembler:
@@ -173,3 +182,137 @@ class Transfer:
     def stalled(self) -> bool:
         return not self.asm.complete and \
             self._clock() - self.last_progress > self.stall_timeout_s
+
+
+OnComplete = Callable[[ModelUpdateState, VerifiedUpdate], None]
+OnFailed = Callable[[ModelUpdateState, EdgefleetError], None]
+
+
+class Fetcher:
+    """The chunk transfers of the updates being downloaded, by update id (worker thread)."""
+
+    def __init__(self, cfg: AgentConfig, *, publish: Callable[..., bool],
+                 connection_id: Callable[[], int], on_complete: OnComplete,
+                 on_failed: OnFailed) -> None:
+        self.cfg = cfg
+        self._publish = publish
+        self._connection_id = connection_id
+        self._on_complete = on_complete
+        self._on_failed = on_failed
+        self.work_root = cfg.data_path / "transfers"
+        self.transfers: dict[str, tuple[ModelUpdateState, VerifiedUpdate, Transfer]] = {}
+
+    def work_dir(self, rec: UpdateRecord) -> Path:
+        return self.work_root / model_key(rec.model_name, rec.variant) / rec.update_id
+
+    def start(self, ms: ModelUpdateState, vu: VerifiedUpdate) -> None:
+        """Open (or resume) the payload of ``ms.current`` and ask for what is missing."""
+        rec = ms.current
+        assert rec is not None
+        asm = ChunkAssembler(vu, work_dir=self.work_dir(rec))
+        have = asm.open()
+        rec.bytes_received = asm.bytes_received
+        if have:
+            log.info("update %s: resuming with %d/%d chunks on disk", vu.update_id, len(have),
+                     vu.chunk_count)
+        tr = Transfer(asm, window_chunks=self.cfg.update.request_window_chunks,
+                      request=lambda idx: self._request(vu.update_id, idx),
+                      stall_timeout_s=self.cfg.update.stall_timeout_s,
+                      connection_id=self._connection_id)
+        self.transfers[vu.update_id] = (ms, vu, tr)
+        if asm.complete:
+            self._done(ms, vu, tr)
+        else:
+            tr.restart_requests()
+
+    def _request(self, update_id: str, indices: list[int]) -> bool:
+        req = update_pb2.ChunkRequest(device_id=self.cfg.device_id, update_id=update_id,
+                                      indices=indices)
+        return self._publish(topics.device_topic(self.cfg.device_id, topics.CHUNK_REQUEST),
+                             req.SerializeToString(), qos=1)
+
+    def handle_chunk(self, data: bytes) -> None:
+        """One ``UpdateChunk`` message (untrusted bytes, size-capped)."""
+        limit = self.cfg.limits.max_chunk_bytes + CHUNK_OVERHEAD_BYTES
+        if len(data) > limit:
+            log.warning("device %s: chunk message of %d bytes over %d; ignored",
+                        self.cfg.device_id, len(data), limit)
+            return
+        chunk = update_pb2.UpdateChunk()
+        try:
+            chunk.ParseFromString(data)
+        except Exception as e:  # protobuf DecodeError on untrusted bytes
+            log.warning("device %s: malformed chunk ignored: %s", self.cfg.device_id, e)
+            return
+        entry = self.transfers.get(chunk.update_id)
+        if entry is None:
+            log.debug("chunk %d of unknown/finished update %r ignored", chunk.index,
+                      chunk.update_id)
+            return
+        ms, vu, tr = entry
+        rec = ms.current
+        assert rec is not None
+        try:
+            new = tr.on_chunk(chunk.index, chunk.data)
+        except Rejected as e:
+            self._on_failed(ms, e)
+            return
+        if not new:
+            return
+        rec.bytes_received = tr.asm.bytes_received
+        crash_point(f"chunk:{len(tr.asm.have)}")
+        if tr.asm.complete:
+            self._done(ms, vu, tr)
+
+    def _done(self, ms: ModelUpdateState, vu: VerifiedUpdate, tr: Transfer) -> None:
+        self.transfers.pop(vu.update_id, None)
+        try:
+            self._on_complete(ms, vu)
+        finally:
+            tr.asm.close()
+
+    def payload(self, rec: UpdateRecord, vu: VerifiedUpdate) -> Path:
+        """The complete, hash-checked payload of ``rec`` on disk (GiveUp when incomplete)."""
+        asm = ChunkAssembler(vu, work_dir=self.work_dir(rec))
+        try:
+            asm.open()
+            if not asm.complete:
+                raise GiveUp("payload on disk is incomplete after a restart", reason="lost")
+            return asm.finalize()
+        finally:
+            asm.close()
+
+    def drop(self, rec: UpdateRecord) -> None:
+        """Forget the transfer of a finished update and delete its files."""
+        entry = self.transfers.pop(rec.update_id, None)
+        if entry is not None:
+            entry[2].asm.close()
+        shutil.rmtree(self.work_dir(rec), ignore_errors=True)
+
+    def close(self) -> None:
+        for _, _, tr in self.transfers.values():
+            tr.asm.close()
+
+    def on_connected(self) -> None:
+        for _, _, tr in list(self.transfers.values()):
+            tr.on_connected()
+
+    def check_stalls(self) -> None:
+        """Re-ask stalled transfers; fail one after ``update.max_retries`` stalls."""
+        if not self._connection_id():
+            return  # broker unreachable is not a stall: the reconnect re-requests
+        up = self.cfg.update
+        for uid, (ms, _vu, tr) in list(self.transfers.items()):
+            if not tr.stalled():
+                continue
+            rec = ms.current
+            assert rec is not None
+            rec.stalls += 1
+            if rec.stalls > up.max_retries:
+                self._on_failed(ms, Rejected(
+                    f"transfer stalled {rec.stalls} times ({up.stall_timeout_s}s each "
+                    f"without a chunk); slow retrieval", reason="stalled"))
+                continue
+            log.warning("update %s: no chunk for %.1fs; re-requesting (%d/%d)", uid,
+                        up.stall_timeout_s, rec.stalls, up.max_retries)
+            tr.restart_requests()

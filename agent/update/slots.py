@@ -4,13 +4,17 @@
 A new engine is staged into the slot that is NOT active (which drops the older engine kept
 there: the slot store keeps exactly the serving engine and its predecessor as rollback
 target). Commit is one atomic rename of ``active.json``. Every file is written atomically.
-Called by :mod:`agent.update.manager` (stage, commit, base lookup) and :mod:`agent.app`
-(startup: load the committed engines before connecting).
+A codec "slot" update moves no bytes: it relabels the engine of a slot (``relabeled`` +
+``write_meta``: version, revision, engine_version, update_id) and commits that slot.
+Called by :mod:`agent.update.manager` (stage, relabel, commit, base lookup),
+:mod:`agent.update.serving` (startup load, integrity checks, fallbacks) and :mod:`agent.app`
+(heartbeat slot reports).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.update.verify import VerifiedUpdate
-from protos.edgefleet.v1 import common_pb2
+from protos.edgefleet.v1 import common_pb2, device_pb2
 from protos.fsutil import replace_durably, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,26 @@ class SlotInfo:
     update_id: str
     fingerprint_b64: str      # serialized EngineFingerprint
     signature_b64: str        # serialized ModelSignature
+    revision: int = 0         # anti-rollback revision of the update that installed/relabelled it
+    engine_version: int = 0   # model version the engine was built for (0 in old files = version)
+
+    @property
+    def pair(self) -> tuple[int, int]:
+        """The anti-rollback pair (version, revision) this slot was committed/staged with."""
+        return (self.version, self.revision)
+
+    @property
+    def built_for(self) -> int:
+        """The model version the engine bytes were built for."""
+        return self.engine_version or self.version
+
+    def to_proto(self, *, active: bool) -> device_pb2.ServedModel:
+        """This slot as a ``ServedModel`` (heartbeat ``slots``)."""
+        return device_pb2.ServedModel(
+            name=self.name, version=self.version, sha256=self.sha256, slot=self.slot,
+            engine_kind=self.engine_kind, precision=self.precision, active=active,
+            variant=self.variant, revision=self.revision, engine_version=self.built_for,
+            update_id=self.update_id)
 
     @property
     def fingerprint(self) -> common_pb2.EngineFingerprint:
@@ -125,7 +149,29 @@ class SlotStore:
         return None
 
     def has_base(self, key: str, sha256: str) -> bool:
+        """True when a slot of ``key`` holds the engine ``sha256`` (delta base, slot target)."""
         return self.find_base(key, sha256) is not None
+
+    def slot_of(self, key: str, sha256: str) -> str | None:
+        """The slot of ``key`` holding engine ``sha256`` (the active one first), or None."""
+        path = self.find_base(key, sha256)
+        return path.parent.name if path is not None else None
+
+    def other(self, key: str) -> SlotInfo | None:
+        """What the slot that is not active holds (None when empty or nothing is active)."""
+        active = self.active_slot(key)
+        return self.read_meta(key, "b" if active == "a" else "a") if active else None
+
+    def installed(self) -> list[tuple[SlotInfo, bool]]:
+        """Every engine in a slot, with True for the committed (active) one."""
+        out = []
+        for key in self.keys():
+            active = self.active_slot(key)
+            for slot in SLOTS:
+                info = self.read_meta(key, slot)
+                if info is not None:
+                    out.append((info, slot == active))
+        return out
 
     def staging_file(self, vu: VerifiedUpdate, slot: str) -> Path:
         """Temp path (inside the target slot folder) for the patcher's output."""
@@ -153,15 +199,30 @@ class SlotStore:
             update_id=m.update_id,
             fingerprint_b64=base64.b64encode(m.fingerprint.SerializeToString()).decode(),
             signature_b64=base64.b64encode(m.signature.SerializeToString()).decode(),
+            revision=m.revision, engine_version=m.engine_version or m.version,
         )
-        write_atomic(d / "meta.json", json.dumps(asdict(info), sort_keys=True).encode(),
-                     mode=0o600)
+        self.write_meta(info)
         for stray in d.glob(".incoming-*.tmp"):
             stray.unlink(missing_ok=True)
         return info
+
+    def write_meta(self, info: SlotInfo) -> None:
+        """Record (atomically) what slot ``info.slot`` of ``info.key`` holds."""
+        d = self.slot_dir(info.key, info.slot)
+        write_atomic(d / "meta.json", json.dumps(asdict(info), sort_keys=True).encode(),
+                     mode=0o600)
+
+    def relabeled(self, info: SlotInfo, vu: VerifiedUpdate) -> SlotInfo:
+        """``info`` labelled as installed by codec "slot" update ``vu`` (not written yet).
+        The engine bytes are the same, so an unset engine_version keeps the slot's own."""
+        m = vu.manifest
+        return dataclasses.replace(info, version=m.version, revision=m.revision,
+                                   engine_version=m.engine_version or info.built_for,
+                                   update_id=m.update_id)
 
     def commit(self, info: SlotInfo) -> None:
         """Make ``info.slot`` the active slot of its model (one atomic rename)."""
         write_atomic(self.root / info.key / "active.json",
                      json.dumps({"slot": info.slot, "version": info.version,
-                                 "sha256": info.sha256}).encode(), mode=0o600)
+                                 "revision": info.revision, "sha256": info.sha256}).encode(),
+                     mode=0o600)

@@ -21,7 +21,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from protos.edgefleet.v1 import common_pb2
+from protos.edgefleet.v1 import common_pb2, update_pb2
 from protos.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,19 @@ class UpdateState(str, Enum):
                         UpdateState.FAILED)
 
 
-#: allowed transitions (anything may go to FAILED before STAGED, ROLLED_BACK after)
+#: allowed transitions (anything may go to FAILED before ACTIVATING, ROLLED_BACK after)
 _NEXT: dict[UpdateState, tuple[UpdateState, ...]] = {
     UpdateState.IDLE: (UpdateState.RECEIVED,),
-    UpdateState.RECEIVED: (UpdateState.DOWNLOADING, UpdateState.FAILED),
+    # RECEIVED -> STAGED: codec "slot" (the engine is already in a slot: nothing to fetch)
+    UpdateState.RECEIVED: (UpdateState.DOWNLOADING, UpdateState.STAGED, UpdateState.FAILED),
     UpdateState.DOWNLOADING: (UpdateState.VERIFYING, UpdateState.FAILED),
     UpdateState.VERIFYING: (UpdateState.PATCHING, UpdateState.FAILED),
     UpdateState.PATCHING: (UpdateState.STAGED, UpdateState.FAILED),
     UpdateState.STAGED: (UpdateState.ACTIVATING, UpdateState.FAILED),
     UpdateState.ACTIVATING: (UpdateState.COMMITTED, UpdateState.ROLLED_BACK),
-    UpdateState.COMMITTED: (UpdateState.RECEIVED,),
+    # COMMITTED -> ROLLED_BACK: a local fallback after the commit (the committed engine failed
+    # its integrity check or to load, or crash-looped the agent: agent.update.serving)
+    UpdateState.COMMITTED: (UpdateState.RECEIVED, UpdateState.ROLLED_BACK),
     UpdateState.ROLLED_BACK: (UpdateState.RECEIVED,),
     UpdateState.FAILED: (UpdateState.RECEIVED,),
 }
@@ -89,10 +92,13 @@ class UpdateRecord:
     model_name: str
     variant: str
     version: int
+    revision: int = 0                # anti-rollback revision ((version, revision) only go up)
+    engine_version: int = 0          # model version the engine was built for (0 = version)
     state: UpdateState = UpdateState.RECEIVED
     reason: str = ""
     action: str = ""                 # protos.errors.Action value when failed
     envelope_b64: str = ""           # the signed offer as received (re-verified on restart)
+    source: str = "offer"            # "offer" | "desired" (envelope = signed DesiredState)
     bytes_received: int = 0
     bytes_total: int = 0
     target_sha256: str = ""
@@ -100,10 +106,26 @@ class UpdateRecord:
     activation_attempts: int = 0
     stalls: int = 0
     updated_at_ms: int = 0
+    probe_b64: str = ""              # serialized ProbeReport after the on-device probe ran
 
     @property
     def envelope(self) -> bytes:
         return base64.b64decode(self.envelope_b64)
+
+    @property
+    def pair(self) -> tuple[int, int]:
+        """The anti-rollback pair (version, revision)."""
+        return (self.version, self.revision)
+
+    @property
+    def probe(self) -> update_pb2.ProbeReport | None:
+        """The on-device probe report kept with this update (None before it ran)."""
+        if not self.probe_b64:
+            return None
+        try:
+            return update_pb2.ProbeReport.FromString(base64.b64decode(self.probe_b64))
+        except Exception:  # damaged record: report no probe rather than fail a heartbeat
+            return None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -123,11 +145,18 @@ class ModelUpdateState:
 
     key: str
     highest_committed: int = 0
+    highest_revision: int = 0      # revision of highest_committed (files without it: 0)
     current: UpdateRecord | None = None
     done_ids: list[str] = field(default_factory=list)  # finished update ids (ignore replays)
 
+    @property
+    def highest(self) -> tuple[int, int]:
+        """Highest committed (version, revision): offers must be above it."""
+        return (self.highest_committed, self.highest_revision)
+
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "highest_committed": self.highest_committed,
+                "highest_revision": self.highest_revision,
                 "current": self.current.to_json() if self.current else None,
                 "done_ids": self.done_ids}
 
@@ -135,6 +164,7 @@ class ModelUpdateState:
     def from_json(cls, d: dict[str, Any]) -> ModelUpdateState:
         cur = d.get("current")
         return cls(key=d["key"], highest_committed=int(d.get("highest_committed", 0)),
+                   highest_revision=int(d.get("highest_revision", 0)),
                    current=UpdateRecord.from_json(cur) if cur else None,
                    done_ids=list(d.get("done_ids", [])))
 
@@ -181,8 +211,8 @@ class StateStore:
         if state.terminal:
             if rec.update_id not in ms.done_ids:
                 ms.done_ids = (ms.done_ids + [rec.update_id])[-MAX_DONE_IDS:]
-            if state == UpdateState.COMMITTED:
-                ms.highest_committed = max(ms.highest_committed, rec.version)
+            if state == UpdateState.COMMITTED and rec.pair > ms.highest:
+                ms.highest_committed, ms.highest_revision = rec.pair
         self.save(ms)
         log.info("update %s (%s v%d): %s%s", rec.update_id, rec.model_name, rec.version,
                  state.value, f" ({reason})" if reason else "")

@@ -4,7 +4,10 @@
 KeyList (retained), signs UpdateManifests with :mod:`protos.envelope`, publishes offers
 (retained) and answers the agent's ChunkRequests with UpdateChunks, counting every chunk it
 sends (resume tests). It can misbehave on purpose (tampered or withheld chunks, wrong keys)
-for the attack tests. It records UpdateStatus, Heartbeat and Presence messages.
+for the attack tests. It records UpdateStatus, Heartbeat and Presence messages. Offers go on
+the legacy ``update/offer`` topic or on the per-model ``update/offer/{key}`` topics
+(``per_model=True``); ``codec="slot"`` offers carry no payload; :meth:`OtaDriver.publish_desired`
+signs and retains a DesiredState.
 The real controller publisher (controller.ota) is tested end to end elsewhere.
 Also: :func:`agent_config` / :func:`write_config` and :func:`infer` (local OIP API).
 """
@@ -115,12 +118,15 @@ class OtaDriver:
                    expires_in_s: float = 600, variant: str = "",
                    **manifest_overrides: Any) -> Offer:
         target = payload if target is None else target
+        if codec == "slot":  # the target engine is already on the device: no bytes move
+            payload = b""
         chunks = [payload[i:i + chunk_size] for i in range(0, len(payload), chunk_size)]
         m = update_pb2.UpdateManifest(
             update_id=f"{name}-v{version}-{uuid.uuid4().hex[:8]}",
             device_class=self.device_class, model_name=name, version=version,
             target_sha256=sha256(target), target_size=len(target), codec=codec,
-            base_sha256=base_sha256, payload_sha256=sha256(payload), payload_size=len(payload),
+            base_sha256=base_sha256, payload_sha256=sha256(payload) if payload else "",
+            payload_size=len(payload),
             chunk_size=chunk_size, chunk_sha256=[hashlib.sha256(c).digest() for c in chunks],
             issued_at_ms=trust.now_ms(),
             expires_at_ms=trust.now_ms() + int(expires_in_s * 1000),
@@ -129,8 +135,8 @@ class OtaDriver:
             if k == "chunk_sha256":
                 del m.chunk_sha256[:]
                 m.chunk_sha256.extend(v)
-            elif k == "fingerprint":
-                m.fingerprint.CopyFrom(v)
+            elif k in ("fingerprint", "probe", "signature"):  # message fields
+                getattr(m, k).CopyFrom(v)
             else:
                 setattr(m, k, v)
         env = envelope.sign(m, signer or self.signer)
@@ -140,12 +146,47 @@ class OtaDriver:
         """Build, sign and publish (retained) an offer; returns it for tampering/assertions."""
         return self.publish_offer(self.make_offer(name, version, payload, **kw))
 
-    def publish_offer(self, offer: Offer, *, raw: bytes | None = None) -> Offer:
+    def publish_offer(self, offer: Offer, *, raw: bytes | None = None,
+                      per_model: bool = False) -> Offer:
+        """Publish (retained) on ``update/offer``, or with ``per_model`` on the offer topic
+        of the manifest's model key (``update/offer/{name[.variant]}``)."""
         self.offers[offer.update_id] = offer
-        self.publish(topics.device_topic(self.device_id, topics.OFFER),
+        m = offer.manifest
+        key = f"{m.model_name}.{m.variant}" if m.variant else m.model_name
+        self.publish(self.offer_topic(key if per_model else None),
                      raw if raw is not None else offer.envelope.SerializeToString(),
                      retain=True)
         return offer
+
+    def offer_topic(self, key: str | None = None) -> str:
+        """The legacy offer topic, or the per-model one of ``key``."""
+        return topics.device_topic(self.device_id,
+                                   topics.offer_leaf(key) if key else topics.OFFER)
+
+    def clear_offer(self, key: str | None = None) -> None:
+        """Clear a retained offer (an empty retained message)."""
+        self.publish(self.offer_topic(key), b"", retain=True)
+
+    def publish_desired(self, models: list[dict[str, Any]], *, generation: int,
+                        issued_at_ms: int | None = None,
+                        signer: Ed25519PrivateKey | None = None) -> update_pb2.DesiredState:
+        """Sign and publish (retained) a DesiredState; ``models`` are DesiredModel fields."""
+        ds = update_pb2.DesiredState(
+            device_id=self.device_id, generation=generation,
+            issued_at_ms=trust.now_ms() if issued_at_ms is None else issued_at_ms)
+        for m in models:
+            ds.models.add(**m)
+        self.publish(topics.device_topic(self.device_id, topics.DESIRED),
+                     envelope.sign(ds, signer or self.signer).SerializeToString(), retain=True)
+        return ds
+
+    def clear_desired(self) -> None:
+        self.publish(topics.device_topic(self.device_id, topics.DESIRED), b"", retain=True)
+
+    def requests_for(self, update_id: str) -> list[update_pb2.ChunkRequest]:
+        """The ChunkRequests the agent sent for ``update_id``."""
+        with self._cond:
+            return [r for r in self.requests if r.update_id == update_id]
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
