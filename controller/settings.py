@@ -54,6 +54,9 @@ class Settings:
     max_mqtt_payload_bytes: int = 256 * 1024
     max_heartbeat_models: int = 64
     max_device_labels: int = 64
+    # a device is shown "stale" (health and metrics) when offline or silent for longer than
+    # this: 3 x the agents' default heartbeat_interval_s (10 s)
+    stale_after_s: float = 30.0
     # reconcile
     resync_s: float = 10.0
     compile_workers: int = 1

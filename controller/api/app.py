@@ -53,6 +53,17 @@ def canonical_kind(kind: str) -> str:
     return k
 
 
+MAX_WINDOWS = 5000              # most windows one /metrics/windows answer holds
+MAX_WINDOW_S = 24 * 3600        # longest ?window_s= of the live metrics
+
+
+def _window_s(window_s: int) -> int:
+    """``?window_s=`` within 1 s .. MAX_WINDOW_S."""
+    if not 1 <= window_s <= MAX_WINDOW_S:
+        raise HTTPException(422, f"window_s must be in 1..{MAX_WINDOW_S}, got {window_s}")
+    return window_s
+
+
 def _error_status(e: EdgefleetError) -> int:
     if isinstance(e, Rejected):
         return 413 if e.reason in ("too_large", "size_limit") else 422
@@ -177,15 +188,18 @@ def create_app(core: Any) -> FastAPI:
                 return JSONResponse({"status": "not ready", "reason": f"database: {e}"}, 503)
         return JSONResponse({"status": "ready" if ok else "not ready"}, 200 if ok else 503)
 
+    stale_after_s = queries.stale_after_of(core)
+
     @app.get(f"{API}/devices")
     def devices() -> dict[str, Any]:
         with db_session(core) as s:
-            return {"items": queries.list_devices(s)}
+            return {"items": queries.list_devices(s, stale_after_s=stale_after_s)}
 
     @app.get(f"{API}/devices/{{device_id}}")
-    def device(device_id: str) -> dict[str, Any]:
+    def device(device_id: str, window_s: int = queries.DEFAULT_WINDOW_S) -> dict[str, Any]:
         with db_session(core) as s:
-            d = queries.get_device(s, device_id)
+            d = queries.get_device(s, device_id, stale_after_s=stale_after_s,
+                                   window_s=_window_s(window_s))
         if d is None:
             raise HTTPException(404, f"device {device_id!r} not found")
         return d
@@ -193,7 +207,20 @@ def create_app(core: Any) -> FastAPI:
     @app.get(f"{API}/devices/{{device_id}}/metrics")
     def device_metrics(device_id: str, limit: int = 60) -> dict[str, Any]:
         with db_session(core) as s:
-            return {"items": queries.metric_history(s, device_id, limit=min(limit, 1000))}
+            return {"items": queries.metric_history(s, device_id,
+                                                    limit=min(max(limit, 1), 1000))}
+
+    @app.get(f"{API}/devices/{{device_id}}/metrics/windows")
+    def device_metric_windows(device_id: str, model: str | None = None,
+                              version: int | None = None, since_ms: int = 0,
+                              until_ms: int | None = None, limit: int = 500) -> dict[str, Any]:
+        with db_session(core) as s:
+            out = queries.metric_windows(s, device_id, model=model or None, version=version,
+                                         since_ms=since_ms, until_ms=until_ms,
+                                         limit=min(max(limit, 1), MAX_WINDOWS))
+            if not out["items"] and queries.get_device(s, device_id) is None:
+                raise HTTPException(404, f"device {device_id!r} not found")
+        return out
 
     @app.get(f"{API}/models")
     def models() -> dict[str, Any]:
@@ -234,9 +261,11 @@ def create_app(core: Any) -> FastAPI:
                                                  since_ms=since_ms)}
 
     @app.get(f"{API}/metrics")
-    def metrics() -> dict[str, Any]:
+    def metrics(window_s: int = queries.DEFAULT_WINDOW_S) -> dict[str, Any]:
+        w = _window_s(window_s)
         with db_session(core) as s:
-            return {"items": queries.latest_metrics(s)}
+            return {"window_s": w, "items": queries.latest_metrics(
+                s, window_s=w, stale_after_s=stale_after_s)}
 
     @app.post(f"{API}/apply")
     async def apply(request: Request) -> dict[str, Any]:
@@ -267,6 +296,8 @@ def create_app(core: Any) -> FastAPI:
                                  limit_bytes=limit)
         return JSONResponse(info, status_code=201)
 
+    from controller.api.rollouts import router as rollout_actions  # rollout verbs
+    app.include_router(rollout_actions)
     from controller.dashboard.pages import install_dashboard
 
     install_dashboard(app, core)

@@ -17,22 +17,28 @@ import datetime
 import time
 from typing import Any, Protocol
 
+from sqlalchemy import and_, func
 from sqlmodel import Session, col, select
 
+from controller.fleet import windows
 from controller.fleet.models import (
     Device,
     DeviceRollout,
     DeviceRolloutState,
+    DeviceTarget,
     Engine,
     Event,
     MetricSample,
     Resource,
 )
+from controller.reconcile.targets import device_updates, reached, served
 
 EDGE_MODEL = "EdgeModel"
 EDGE_ROLLOUT = "EdgeRollout"
 DEVICE_CLASS = "DeviceClass"
 KINDS = (EDGE_MODEL, EDGE_ROLLOUT, DEVICE_CLASS)
+DEFAULT_WINDOW_S = 60          # the window of the "live" metrics (requests/s, errors, quantiles)
+DEFAULT_STALE_AFTER_S = 30.0   # controller.settings.Settings.stale_after_s
 
 
 def now_ms() -> int:
@@ -46,6 +52,28 @@ class ResourceReader(Protocol):
     def list(self, kind: str) -> list[dict[str, Any]]: ...
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+
+def stale_after_of(core: Any) -> float:
+    """The core's ``settings.stale_after_s`` (DEFAULT_STALE_AFTER_S without one)."""
+    value = getattr(getattr(core, "settings", None), "stale_after_s", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return DEFAULT_STALE_AFTER_S
+
+
+def staleness(d: Device, *, at_ms: int, stale_after_s: float) -> str:
+    """Why what ``d`` reported is stale ("" when fresh): offline, or silent for longer than
+    ``stale_after_s`` (its last message of any kind)."""
+    if not d.online:
+        return f"offline ({d.offline_reason})" if d.offline_reason else "offline"
+    last = d.last_seen_ms or d.last_heartbeat_ms
+    if last is None:
+        return "no message yet"
+    silent_s = (at_ms - last) / 1000
+    if silent_s > stale_after_s:
+        return f"no message for {silent_s:.0f} s (stale after {stale_after_s:g} s)"
+    return ""
 
 
 def resources_of(core: Any) -> ResourceReader | None:
@@ -79,17 +107,30 @@ def _served(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [m for m in models or [] if m.get("active", False)]
 
 
-def _update_state(updates: list[dict[str, Any]]) -> str:
-    """Short text of the device's latest update progress ("" when none)."""
-    if not updates:
-        return ""
-    last = updates[-1]
-    state = str(last.get("state", ""))
-    return state.removeprefix("UPDATE_STATE_").lower()
+def _targets_by_device(s: Session, ids: list[str] | None
+                       ) -> tuple[dict[str, list[DeviceTarget]], dict[str, DeviceRollout]]:
+    """Desired targets per device and the offers carrying them (two queries)."""
+    q = select(DeviceTarget)
+    if ids is not None:
+        q = q.where(col(DeviceTarget.device_id).in_(ids))
+    by: dict[str, list[DeviceTarget]] = {}
+    for t in s.exec(q).all():
+        by.setdefault(t.device_id, []).append(t)
+    uids = [t.update_id for ts in by.values() for t in ts if t.update_id]
+    attempts = {a.update_id: a for a in s.exec(select(DeviceRollout).where(
+        col(DeviceRollout.update_id).in_(uids))).all()} if uids else {}
+    return by, attempts
 
 
-def device_view(d: Device, *, at_ms: int) -> dict[str, Any]:
+def device_view(d: Device, *, at_ms: int,
+                stale_after_s: float = DEFAULT_STALE_AFTER_S,
+                targets: list[DeviceTarget] | None = None,
+                attempts: dict[str, DeviceRollout] | None = None) -> dict[str, Any]:
+    """A device row; ``health`` is "stale" (and ``stale`` true, ``stale_reason`` why) when the
+    device is offline or silent for longer than ``stale_after_s``; what it last reported stays
+    in ``reported_health``."""
     model = _active_model(d.models)
+    stale = staleness(d, at_ms=at_ms, stale_after_s=stale_after_s)
     age = None if d.last_heartbeat_ms is None else max(0.0, (at_ms - d.last_heartbeat_ms) / 1000)
     return {
         "id": d.device_id,
@@ -104,30 +145,52 @@ def device_view(d: Device, *, at_ms: int) -> dict[str, Any]:
                    for m in _served(d.models)],
         "last_heartbeat_ms": d.last_heartbeat_ms,
         "last_heartbeat_age_s": None if age is None else round(age, 1),
-        "health": d.health,
-        "health_reason": d.health_reason,
-        "update_state": _update_state(d.updates),
+        "health": "stale" if stale else d.health,
+        "health_reason": stale or d.health_reason,
+        "stale": bool(stale),
+        "stale_reason": stale,
+        "reported_health": d.health,
+        "reported_health_reason": d.health_reason,
+        # desired vs observed for the device's targets (never the history of offers)
+        "update_state": device_updates(d, targets or [], attempts or {})[0],
         "agent_version": d.agent_version,
         "serve_url": d.serve_url,
     }
 
 
-def list_devices(s: Session, *, at_ms: int | None = None) -> list[dict[str, Any]]:
+def list_devices(s: Session, *, at_ms: int | None = None,
+                 stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[dict[str, Any]]:
     at = at_ms or now_ms()
     rows = s.exec(select(Device).order_by(col(Device.device_id))).all()
-    return [device_view(d, at_ms=at) for d in rows]
+    by, attempts = _targets_by_device(s, None)
+    return [device_view(d, at_ms=at, stale_after_s=stale_after_s,
+                        targets=by.get(d.device_id), attempts=attempts) for d in rows]
 
 
-def get_device(s: Session, device_id: str, *, at_ms: int | None = None) -> dict[str, Any] | None:
+def get_device(s: Session, device_id: str, *, at_ms: int | None = None,
+               stale_after_s: float = DEFAULT_STALE_AFTER_S,
+               window_s: float = DEFAULT_WINDOW_S) -> dict[str, Any] | None:
+    """One device with its served models, updates and windowed metrics (``metrics``: per
+    model@version over the last ``window_s`` seconds, see latest_metrics)."""
     d = s.get(Device, device_id)
     if d is None:
         return None
-    view = device_view(d, at_ms=at_ms or now_ms())
+    at = at_ms or now_ms()
+    by, attempts = _targets_by_device(s, [device_id])
+    targets = by.get(device_id, [])
+    view = device_view(d, at_ms=at, stale_after_s=stale_after_s, targets=targets,
+                       attempts=attempts)
     view.update({
+        # per model: what the device should serve, what it serves, the offer's state
+        "desired": device_updates(d, targets, attempts)[1],
+        "slots": d.slots, "faults": d.faults, "restarts": d.restarts,
         "models": d.models, "updates": d.updates, "facts": d.facts, "labels": d.labels,
         "uptime_s": d.uptime_s, "heartbeat_seq": d.heartbeat_seq,
         "last_seen_ms": d.last_seen_ms, "offline_since_ms": d.offline_since_ms,
-        "metrics": latest_metrics(s, device_id=device_id),
+        "metrics": latest_metrics(s, device_id=device_id, at_ms=at, window_s=window_s,
+                                  stale_after_s=stale_after_s),
+        "metrics_window_s": window_s,
+        # the history of offers, shown apart and never counted
         "rollouts": [_device_rollout_view(r) for r in s.exec(
             select(DeviceRollout).where(DeviceRollout.device_id == device_id)
             .order_by(col(DeviceRollout.updated_ms).desc())).all()],
@@ -214,6 +277,7 @@ def _model_view(s: Session, view: dict[str, Any], *, full: bool) -> dict[str, An
     view["source_sha256"] = (spec.get("source") or {}).get("sha256", "") or status.get(
         "sourceSha256", "")
     view["compiled"] = status.get("compiledClasses", "")
+    view["serving"] = _serving_count(s, str(view.get("name") or ""), spec.get("version"))
     view["message"] = status_message(status)
     if full and view["source_sha256"]:
         engines = s.exec(select(Engine).where(Engine.model_sha256 == view["source_sha256"])).all()
@@ -223,6 +287,21 @@ def _model_view(s: Session, view: dict[str, Any], *, full: bool) -> dict[str, An
             "toolchain_version": e.toolchain_version, "report": e.report,
         } for e in engines]
     return view
+
+
+def _serving_count(s: Session, model: str, version: Any) -> str:
+    """"N/M": devices that serve exactly their desired target of ``model`` at its current
+    version, of the devices whose desired target is that version (desired vs observed)."""
+    want = int(version or 0)
+    targets = s.exec(select(DeviceTarget).where(DeviceTarget.model_name == model,
+                                                DeviceTarget.variant == "",
+                                                DeviceTarget.version == want)).all()
+    if not targets:
+        return "0/0"
+    devs = {d.device_id: d for d in s.exec(select(Device).where(
+        col(Device.device_id).in_([t.device_id for t in targets]))).all()}
+    n = sum(reached(t, served(devs.get(t.device_id), model)) for t in targets)
+    return f"{n}/{len(targets)}"
 
 
 def list_models(s: Session, *, resources: ResourceReader | None = None) -> list[dict[str, Any]]:
@@ -258,23 +337,25 @@ def _rollout_view(s: Session, view: dict[str, Any], *, full: bool) -> dict[str, 
     rows = s.exec(select(DeviceRollout).where(DeviceRollout.rollout == key)
                   .order_by(col(DeviceRollout.wave), col(DeviceRollout.device_id))).all()
     every = [_device_rollout_view(x) for x in rows]
-    # lighter variants ride along per device (their own rows); the counts are per device
-    states = [x for x in every if not x["variant"]]
-    done = sum(1 for x in states if x["state"] == DeviceRolloutState.COMMITTED.value)
-    failed = sum(1 for x in states if x["state"] in (DeviceRolloutState.FAILED.value,
-                                                     DeviceRolloutState.ROLLED_BACK.value))
     spec = view["spec"] or {}
     status = view["status"] or {}
+    # the counters are the controller's comparison of desired and observed for the current
+    # release (status.updated/targeted); the offer rows are history, listed apart
+    done, total = int(status.get("updated") or 0), int(status.get("targeted") or 0)
     view.update({
         "model": spec.get("modelRef", {}).get("name", "")
         if isinstance(spec.get("modelRef"), dict) else spec.get("model", ""),
-        "devices_total": len(states), "devices_committed": done, "devices_failed": failed,
-        "progress": f"{done}/{len(states)}", "wave": status.get("currentWave", status.get("wave")),
+        "devices_total": total, "devices_committed": done,
+        "devices_failed": int(status.get("failed") or 0),
+        "devices_stalled": int(status.get("stalled") or 0),
+        "progress": f"{done}/{total}", "wave": status.get("currentWave", status.get("wave")),
         "bytes_sent_total": sum(x["bytes_sent"] for x in every),
         "message": status_message(status),
     })
     if full:
-        view["devices"] = states
+        view["devices"] = [{"device_id": d, **v} for d, v in
+                           sorted((status.get("devices") or {}).items())]
+        view["history"] = [x for x in every if not x["variant"]]
         view["variants"] = [x for x in every if x["variant"]]
     return view
 
@@ -297,35 +378,113 @@ def list_events(s: Session, *, limit: int = 100, since_ms: int = 0) -> list[dict
              "reason": e.reason, "message": e.message} for e in rows]
 
 
-def _metric_view(m: MetricSample) -> dict[str, Any]:
+def _host_view(m: MetricSample) -> dict[str, Any]:
+    return {"cpu_percent": m.cpu_percent, "agent_rss_bytes": m.agent_rss_bytes,
+            "temperature_c": m.temperature_c}
+
+
+def _rate(n: int, span_ms: int) -> float | None:
+    return n * 1000.0 / span_ms if span_ms > 0 else None
+
+
+def _metric_view(m: MetricSample, *, stats: windows.WindowStats | None, window_s: float,
+                 at_ms: int, stale: bool) -> dict[str, Any]:
+    """The live view of one (device, model, version): cumulative totals since the agent
+    started, and requests/s, error rate and quantiles over the last ``window_s`` seconds."""
+    st = stats or windows.stats_of([])
     return {
         "device_id": m.device_id, "at_ms": m.at_ms, "model": m.model_name,
-        "version": m.model_version, "requests": m.requests, "errors": m.errors,
-        "p50_ms": m.p50_ms, "p95_ms": m.p95_ms, "p99_ms": m.p99_ms,
-        "cpu_percent": m.cpu_percent, "agent_rss_bytes": m.agent_rss_bytes,
-        "temperature_c": m.temperature_c,
+        "version": m.model_version,
+        # cumulative since the agent started (what the agent reports)
+        "requests": m.requests, "errors": m.errors,
+        "requests_total": m.requests, "errors_total": m.errors,
+        # windowed: the windows that ended in [at_ms - window_s, at_ms]
+        "window_s": window_s,
+        "window": {"since_ms": at_ms - int(window_s * 1000), "until_ms": at_ms,
+                   "first_ms": st.first_ms, "last_ms": st.last_ms, "covered_s": st.covered_s,
+                   "windows": st.windows},
+        "window_requests": st.requests, "window_errors": st.errors,
+        "requests_per_s": st.requests_per_s, "error_rate": st.error_rate,
+        "p50_ms": st.p50_ms, "p95_ms": st.p95_ms, "p99_ms": st.p99_ms,
+        **_host_view(m),
+        "buffered": bool((m.data or {}).get("buffered", False)),
+        "stale": stale,
     }
 
 
-def latest_metrics(s: Session, *, device_id: str | None = None) -> list[dict[str, Any]]:
-    """The newest sample per (device, model); one device or all."""
-    q = select(MetricSample).order_by(col(MetricSample.at_ms).desc(), col(MetricSample.id).desc())
+def latest_metrics(s: Session, *, device_id: str | None = None, at_ms: int | None = None,
+                   window_s: float = DEFAULT_WINDOW_S,
+                   stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[dict[str, Any]]:
+    """Per (device, model, version) in each device's newest Metrics message: the cumulative
+    totals and host readings of that message, and the windowed values over the last
+    ``window_s`` seconds; ``stale`` when the device is offline or silent (then no window is
+    recent and the windowed values are None)."""
+    at = at_ms or now_ms()
+    newest = select(MetricSample.device_id, func.max(MetricSample.at_ms).label("at"))
     if device_id is not None:
-        q = q.where(MetricSample.device_id == device_id)
-    seen: set[tuple[str, str]] = set()
-    out: list[dict[str, Any]] = []
-    for m in s.exec(q.limit(500)).all():
-        key = (m.device_id, m.model_name)
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(_metric_view(m))
-    out.sort(key=lambda x: (x["device_id"], x["model"]))
+        newest = newest.where(MetricSample.device_id == device_id)
+    sub = newest.group_by(col(MetricSample.device_id)).subquery()
+    q = (select(MetricSample)
+         .join(sub, and_(col(MetricSample.device_id) == sub.c.device_id,
+                         col(MetricSample.at_ms) == sub.c.at))
+         .order_by(col(MetricSample.id).desc()))
+    rows: dict[tuple[str, str, int], MetricSample] = {}
+    for m in s.exec(q).all():
+        rows.setdefault((m.device_id, m.model_name, m.model_version), m)
+    stats = windows.recent_stats_all(s, window_s=window_s, now_ms=at, device_id=device_id)
+    devices = {d.device_id: d for d in s.exec(select(Device).where(
+        col(Device.device_id).in_(sorted({k[0] for k in rows})))).all()} if rows else {}
+    out = []
+    for key, m in sorted(rows.items()):
+        d = devices.get(key[0])
+        stale = (bool(staleness(d, at_ms=at, stale_after_s=stale_after_s)) if d is not None
+                 else at - m.at_ms > stale_after_s * 1000)
+        out.append(_metric_view(m, stats=stats.get(key), window_s=window_s, at_ms=at,
+                                stale=stale))
     return out
 
 
+def _sample_view(m: MetricSample) -> dict[str, Any]:
+    """One Metrics message of one model: cumulative totals, and the rate, error rate and
+    quantiles of its own window (since the device's previous message; None before one)."""
+    w = (m.data or {}).get("window") or None
+    span = int(w["end_ms"]) - int(w["start_ms"]) if w else 0
+    return {
+        "device_id": m.device_id, "at_ms": m.at_ms, "model": m.model_name,
+        "version": m.model_version, "requests": m.requests, "errors": m.errors,
+        "window": w,
+        "window_s": span / 1000 if w else None,
+        "requests_per_s": _rate(int(w["requests"]), span) if w else None,
+        "error_rate": (int(w["errors"]) / int(w["requests"])
+                       if w and int(w["requests"]) > 0 else None),
+        "p50_ms": m.p50_ms, "p95_ms": m.p95_ms, "p99_ms": m.p99_ms,
+        **_host_view(m),
+    }
+
+
 def metric_history(s: Session, device_id: str, *, limit: int = 60) -> list[dict[str, Any]]:
-    """The last ``limit`` samples of one device, oldest first (the device page's chart)."""
+    """The last ``limit`` samples of one device, oldest first (the device page's chart); each
+    with the values of its own window."""
     rows = s.exec(select(MetricSample).where(MetricSample.device_id == device_id)
-                  .order_by(col(MetricSample.at_ms).desc()).limit(limit)).all()
-    return [_metric_view(m) for m in reversed(rows)]
+                  .order_by(col(MetricSample.at_ms).desc(), col(MetricSample.id).desc())
+                  .limit(limit)).all()
+    return [_sample_view(m) for m in reversed(rows)]
+
+
+def metric_windows(s: Session, device_id: str, *, model: str | None = None,
+                   version: int | None = None, since_ms: int = 0, until_ms: int | None = None,
+                   limit: int = 500) -> dict[str, Any]:
+    """The windows of one device ending in [since_ms, until_ms] (newest ``limit``, oldest
+    first) and, per model@version, their merged stats."""
+    found = windows.list_windows(s, device_id=device_id, model=model, version=version,
+                                 since_ms=since_ms, until_ms=until_ms, limit=limit)
+    groups: dict[tuple[str, int], list[windows.MetricWindow]] = {}
+    for w in found:
+        groups.setdefault((w.model_name, w.model_version), []).append(w)
+    return {
+        "device_id": device_id, "model": model, "version": version, "since_ms": since_ms,
+        "until_ms": until_ms,
+        "items": [windows.window_view(w) for w in found],
+        "stats": [{"model": m, "version": v, **windows.stats_of(ws).as_dict()}
+                  for (m, v), ws in sorted(groups.items())],
+    }

@@ -4,7 +4,9 @@ Installed on the API app by controller/api/app.py (``install_dashboard``). Pages
 string templates (every value passes through ``html.escape``); the numbers come from
 controller/api/queries.py, the same as the JSON API. A small vanilla script
 (static/dashboard.js, served from this package, no CDN) polls the JSON API every 2 s to keep
-the tables and the device's live metrics current.
+the tables and the device's live metrics current. Every latency, throughput and error value
+shown is windowed (controller/fleet/windows.py) and the page says over which window; devices
+that are offline or silent show health "stale" and their metrics are marked stale.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def device_rows(devices: list[dict[str, Any]]) -> str:
             f"<td class=\"status\">{_status_badge(d['online'])}</td>"
             f"<td class=\"served\">{esc(served)}</td>"
             f"<td class=\"age\">{esc(age_text(d['last_heartbeat_age_s']))}</td>"
-            f"<td class=\"health\">{esc(d['health'] or '-')}</td>"
+            f"<td class=\"health{' stale' if d.get('stale') else ''}\">"
+            f"{esc(d['health'] or '-')}</td>"
             f"<td class=\"update\">{esc(d['update_state'] or '-')}</td></tr>")
     return "".join(rows)
 
@@ -127,6 +130,14 @@ def overview_html(devices: list[dict[str, Any]], models: list[dict[str, Any]],
     return page("Fleet", body, script_data="<script>window.EDGEFLEET={page:'overview'}</script>")
 
 
+def metrics_window_note(window: str) -> str:
+    """The sentence that states the window of the live metrics table."""
+    return (f"<p class=\"window-note\" id=\"metrics-window\">Requests/s, error rate and "
+            f"p50/p95/p99 over the last {window} s, per model@version; totals since the agent "
+            "started. <span class=\"badge stale\">stale</span> marks a device that is offline "
+            "or silent.</p>")
+
+
 def device_html(d: dict[str, Any]) -> str:
     served = "".join(
         f"<tr><td>{esc(m.get('name'))}</td><td>{esc(m.get('version'))}</td>"
@@ -139,7 +150,18 @@ def device_html(d: dict[str, Any]) -> str:
         f"<td>{esc(r['state'])}</td><td>{esc(r['codec'])}</td><td>{esc(r['bytes_sent'])}</td>"
         f"<td>{esc(r['reason'])}</td></tr>" for r in d["rollouts"]
     ) or "<tr><td colspan=\"6\" class=\"empty\">none</td></tr>"
+    desired = "".join(
+        f"<tr><td>{esc(t['model'])}{(' (' + esc(t['variant']) + ')') if t['variant'] else ''}"
+        f"</td><td>{esc(t['desired'])}</td><td>{esc(t['serving'] or '-')}</td>"
+        f"<td class=\"update\">{esc(t['state'])}</td><td>{esc(t['rollout'] or '-')}</td>"
+        f"<td>{esc(t['reason'])}</td></tr>" for t in d.get("desired") or []
+    ) or "<tr><td colspan=\"6\" class=\"empty\">no targets</td></tr>"
+    faults = "".join(
+        f"<li>{esc(f.get('name'))} v{esc(f.get('version'))}: {esc(f.get('reason'))} "
+        f"{esc(f.get('message'))}</li>" for f in d.get("faults") or [])
     facts = d.get("facts") or {}
+    window = esc(d.get("metrics_window_s") or queries.DEFAULT_WINDOW_S)
+    stale_cls = "stale" if d.get("stale") else ""
     body = (
         f"<h1>Device {esc(d['id'])}</h1>"
         "<dl class=\"facts\">"
@@ -148,21 +170,29 @@ def device_html(d: dict[str, Any]) -> str:
         f"{esc(d['offline_reason'])}</dd>"
         f"<dt>Last heartbeat</dt><dd id=\"dev-age\">{esc(age_text(d['last_heartbeat_age_s']))}"
         "</dd>"
-        f"<dt>Health</dt><dd id=\"dev-health\">{esc(d['health'] or '-')} "
+        f"<dt>Health</dt><dd id=\"dev-health\" class=\"{stale_cls}\">"
+        f"{esc(d['health'] or '-')} "
         f"{esc(d['health_reason'])}</dd>"
         f"<dt>Agent</dt><dd>{esc(d['agent_version'])} up {esc(d['uptime_s'])}s</dd>"
         f"<dt>Arch</dt><dd>{esc(facts.get('arch', ''))}</dd>"
         f"<dt>Serve URL</dt><dd>{esc(d['serve_url'])}</dd></dl>"
-        "<h2>Live metrics</h2><table id=\"metrics\"><thead><tr><th>Model</th><th>Requests</th>"
-        "<th>Errors</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>CPU %</th>"
-        "<th>RSS MiB</th><th>Temp &deg;C</th></tr></thead><tbody><tr><td colspan=\"9\" "
+        f"<h2>Live metrics</h2>{metrics_window_note(window)}"
+        "<table id=\"metrics\"><thead><tr><th>Model@version</th>"
+        f"<th>Requests/s ({window} s)</th><th>Error rate ({window} s)</th>"
+        f"<th>p50 ms ({window} s)</th><th>p95 ms ({window} s)</th><th>p99 ms ({window} s)</th>"
+        "<th>Requests total</th><th>Errors total</th><th>CPU %</th><th>RSS MiB</th>"
+        "<th>Temp &deg;C</th></tr></thead><tbody><tr><td colspan=\"11\" "
         "class=\"empty\">waiting for metrics</td></tr></tbody></table>"
         "<canvas id=\"chart\" width=\"640\" height=\"140\" "
-        "aria-label=\"requests per sample\"></canvas>"
+        "aria-label=\"p95 latency per metrics window\"></canvas>"
         "<h2>Served models</h2><table id=\"served\"><thead><tr><th>Name</th><th>Version</th>"
         "<th>Variant</th><th>Slot</th><th>Engine</th><th>Precision</th><th>Active</th></tr>"
         f"</thead><tbody>{served}</tbody></table>"
-        "<h2>Updates</h2><table id=\"device-rollouts\"><thead><tr><th>Rollout</th>"
+        "<h2>Desired vs observed</h2><table id=\"desired\"><thead><tr><th>Model</th>"
+        "<th>Desired</th><th>Serving</th><th>State</th><th>Rollout</th><th>Why</th></tr>"
+        f"</thead><tbody>{desired}</tbody></table>"
+        + (f"<h2>Faults</h2><ul id=\"faults\">{faults}</ul>" if faults else "")
+        + "<h2>Update history</h2><table id=\"device-rollouts\"><thead><tr><th>Rollout</th>"
         "<th>Target</th><th>State</th><th>Codec</th><th>Bytes sent</th><th>Reason</th></tr>"
         f"</thead><tbody>{rollouts}</tbody></table>")
     data = html.escape(d["id"], quote=True)
@@ -178,7 +208,8 @@ def install_dashboard(app: FastAPI, core: Any) -> None:
     def overview() -> HTMLResponse:
         with db_session(core) as s:
             res = queries.resources_of(core)
-            body = overview_html(queries.list_devices(s), queries.list_models(s, resources=res),
+            devices = queries.list_devices(s, stale_after_s=queries.stale_after_of(core))
+            body = overview_html(devices, queries.list_models(s, resources=res),
                                  queries.list_rollouts(s, resources=res),
                                  queries.list_events(s, limit=20))
         return HTMLResponse(body)
@@ -186,7 +217,7 @@ def install_dashboard(app: FastAPI, core: Any) -> None:
     @app.get("/devices/{device_id}", response_class=HTMLResponse, include_in_schema=False)
     def device_page(device_id: str) -> HTMLResponse:
         with db_session(core) as s:
-            d = queries.get_device(s, device_id)
+            d = queries.get_device(s, device_id, stale_after_s=queries.stale_after_of(core))
         if d is None:
             raise HTTPException(404, f"device {device_id!r} not found")
         return HTMLResponse(device_html(d))

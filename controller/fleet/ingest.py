@@ -23,8 +23,10 @@ from sqlalchemy import delete
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
+from controller.fleet import events, windows
 from controller.fleet.db import session_scope
 from controller.fleet.models import Device, DeviceRollout, DeviceRolloutState, MetricSample
+from controller.fleet.windows import percentile  # noqa: F401  (re-exported: callers import it here)
 from controller.settings import Settings
 from protos import topics
 from protos.edgefleet.v1 import common_pb2, device_pb2, update_pb2
@@ -66,24 +68,6 @@ def allowed_transition(old: DeviceRolloutState, new: DeviceRolloutState) -> bool
     return True
 
 
-def percentile(bounds: list[float], counts: list[int], q: float) -> float | None:
-    """q-quantile (0..1) of a bucketed histogram, interpolated inside the bucket."""
-    total = sum(counts)
-    if total <= 0 or not bounds or len(counts) != len(bounds) + 1:
-        return None
-    rank = q * total
-    cum = 0
-    for i, c in enumerate(counts):
-        if c and cum + c >= rank:
-            if i >= len(bounds):            # +Inf bucket: report the last finite bound
-                return float(bounds[-1])
-            lo = 0.0 if i == 0 else float(bounds[i - 1])
-            hi = float(bounds[i])
-            return lo + (hi - lo) * max(0.0, min(1.0, (rank - cum) / c))
-        cum += c
-    return float(bounds[-1])
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -110,6 +94,7 @@ class Ingest:
         self.metrics_retention_s = metrics_retention_s
         self.dropped = 0
         self._samples = 0
+        self._failed_events: list[tuple[str, str]] = []   # written after the transaction
 
     def subscriptions(self) -> list[str]:
         """Topic filters to subscribe to (presence unshared: retained state reaches us)."""
@@ -179,19 +164,36 @@ class Ingest:
             d.device_class = hb.device_class[:253]
             d.labels = labels
             d.facts = _to_dict(hb.facts)
-            d.models = [_to_dict(m) for m in hb.models]
+            served = [_to_dict(m) for m in hb.models]
+            changed |= served != (d.models or [])    # observed state moved: re-compare
+            d.models = served
             d.updates = [_to_dict(u) for u in hb.updates[:16]]
             d.health, d.health_reason = hb.health[:32], hb.health_reason[:1024]
             d.agent_version, d.uptime_s = hb.agent_version[:64], int(hb.uptime_s)
             d.serve_url, d.heartbeat_seq = hb.serve_url[:512], int(hb.seq)
+            d.slots = [_to_dict(m) for m in hb.slots[: 2 * self.settings.max_heartbeat_models]]
+            faults = [_to_dict(f) for f in hb.faults[:16]]
+            changed |= faults != (d.faults or [])
+            d.faults = faults
+            d.restarts, d.desired_generation = int(hb.restarts), int(hb.desired_generation)
             d.last_heartbeat_ms = d.last_seen_ms = now
             d.online, d.offline_since_ms, d.offline_reason = True, None, ""
             s.add(d)
             for u in hb.updates[:16]:
                 changed |= self._move_rollout(s, dev, u.update_id, u.state, u.reason,
                                               u.bytes_received)
+        self._flush_events()
+        if not was_online:
+            events.emit(self.engine, kind="Device", name=dev, reason=events.DEVICE_ONLINE,
+                        message=f"device {dev} is online (heartbeat)", now_ms=now)
         if changed or not was_online:
             self.on_change("heartbeat")
+
+    def _flush_events(self) -> None:
+        while self._failed_events:
+            dev, msg = self._failed_events.pop(0)
+            events.emit(self.engine, kind="Device", name=dev, reason=events.UPDATE_FAILED,
+                        type_="Warning", message=msg, now_ms=_now_ms())
 
     def _labels(self, dev: str, labels: Any) -> dict[str, str]:
         """The heartbeat's labels within limits; over-long or excess ones dropped, logged."""
@@ -219,6 +221,7 @@ class Ingest:
                 if not p.online:
                     return     # never heard of it; nothing to mark offline
                 d = Device(device_id=dev)
+            was_online = d.online
             if p.online:
                 d.online, d.offline_since_ms, d.offline_reason = True, None, ""
                 d.last_seen_ms = now
@@ -232,6 +235,12 @@ class Ingest:
                 d.offline_since_ms = now
                 d.offline_reason = p.reason[:64] or "offline"
             s.add(d)
+        if bool(p.online) != bool(was_online):
+            events.emit(self.engine, kind="Device", name=dev,
+                        reason=events.DEVICE_ONLINE if p.online else events.DEVICE_OFFLINE,
+                        type_="Normal" if p.online else "Warning", now_ms=now,
+                        message=f"device {dev} is {'online' if p.online else 'offline'}"
+                                + ("" if p.online else f" ({p.reason[:64] or 'offline'})"))
         self.on_change("presence")
 
     def _update_status(self, dev: str, payload: bytes) -> None:
@@ -244,12 +253,16 @@ class Ingest:
                 d.last_seen_ms = _now_ms()
                 s.add(d)
             changed = self._move_rollout(s, dev, st.update_id, st.state, st.reason,
-                                         st.bytes_received, unknown_is_garbage=True)
+                                         st.bytes_received, unknown_is_garbage=True,
+                                         probe=_to_dict(st.probe) if st.HasField("probe")
+                                         else None)
+        self._flush_events()
         if changed:
             self.on_change("update_status")
 
     def _move_rollout(self, s: Any, dev: str, update_id: str, state: int, reason: str,
-                      bytes_received: int, *, unknown_is_garbage: bool = False) -> bool:
+                      bytes_received: int, *, unknown_is_garbage: bool = False,
+                      probe: dict[str, Any] | None = None) -> bool:
         new = rollout_state(state)
         if new is None or not update_id:
             return False
@@ -259,7 +272,17 @@ class Ingest:
             if unknown_is_garbage:
                 raise _Garbage(f"unknown update_id {update_id[:64]!r}")
             return False
+        if probe and probe != (row.probe or {}):
+            row.probe = probe                 # the on-device accuracy probe's report
+            row.updated_ms = _now_ms()
+            s.add(row)
+            if row.state == new:
+                return True
         if row.state == new or not allowed_transition(row.state, new):
+            if int(bytes_received) > row.bytes_received and row.state == new:
+                row.bytes_received = int(bytes_received)   # progress (the deadline's clock)
+                row.updated_ms = _now_ms()
+                s.add(row)
             return False
         row.state = new
         row.reason = reason[:1024]
@@ -267,9 +290,14 @@ class Ingest:
         row.updated_ms = _now_ms()
         s.add(row)
         log.info("device %s update %s -> %s %s", dev, update_id, new.value, reason[:200])
+        if new in (DeviceRolloutState.FAILED, DeviceRolloutState.ROLLED_BACK):
+            self._failed_events.append((dev, f"update {update_id} of {row.model_name} "
+                                             f"v{row.version}: {new.value}: {reason[:300]}"))
         return True
 
     def _metrics(self, dev: str, payload: bytes) -> None:
+        """MetricSample rows (cumulative totals; p50/p95/p99 of this message's window, None
+        before there is one) and the windows (controller/fleet/windows.py)."""
         m = self._parse(device_pb2.Metrics, payload, dev)
         now = _now_ms()
         at = m.at_ms if 0 < m.at_ms <= now + 60_000 else now
@@ -281,20 +309,36 @@ class Ingest:
             "agent_rss_bytes": host.agent_rss_bytes if host.HasField("agent_rss_bytes") else None,
             "temperature_c": max(temps) if temps else None,
         }
-        rows = []
-        for mm in m.models[: self.settings.max_heartbeat_models]:
-            b, c = list(mm.latency.bounds_ms), list(mm.latency.counts)
-            rows.append(MetricSample(
-                **common, model_name=mm.name[:253], model_version=int(mm.version),
-                requests=int(mm.requests), errors=int(mm.errors),
-                p50_ms=percentile(b, c, 0.50), p95_ms=percentile(b, c, 0.95),
-                p99_ms=percentile(b, c, 0.99),
-                data={"queue_depth": mm.queue_depth, "buffered": m.buffered,
-                      "batch_size_counts": list(mm.batch_size_counts)[:64]}))
-        if not rows:
-            rows.append(MetricSample(**common, data={"buffered": m.buffered}))
-        rows[0].data = {**rows[0].data, "host": _to_dict(host)}
+        reported = list(m.models[: self.settings.max_heartbeat_models])
+        counters: dict[tuple[str, int], windows.Counters] = {}
+        for mm in reported:
+            hist, problem = windows.checked_histogram(
+                list(mm.latency.bounds_ms), list(mm.latency.counts), mm.latency.sum_ms)
+            if problem:
+                log.warning("device %s model %s: latency histogram ignored: %s", dev,
+                            mm.name[:64], problem)
+            counters[(mm.name[:253], int(mm.version))] = windows.Counters(
+                min(int(mm.requests), windows.MAX_COUNT), min(int(mm.errors), windows.MAX_COUNT),
+                hist)
         with session_scope(self.engine) as s:
+            made = windows.record(s, device_id=dev, at_ms=at, models=counters,
+                                  buffered=m.buffered)
+            rows = []
+            for mm in reported:
+                w = made.get((mm.name[:253], int(mm.version)))
+                p50, p95, p99 = windows.window_quantiles(w)
+                rows.append(MetricSample(
+                    **common, model_name=mm.name[:253], model_version=int(mm.version),
+                    requests=int(mm.requests), errors=int(mm.errors),
+                    p50_ms=p50, p95_ms=p95, p99_ms=p99,
+                    data={"queue_depth": mm.queue_depth, "buffered": m.buffered,
+                          "batch_size_counts": list(mm.batch_size_counts)[:64],
+                          "window": None if w is None else {
+                              "start_ms": w.start_ms, "end_ms": w.end_ms,
+                              "requests": w.requests, "errors": w.errors, "reset": w.reset}}))
+            if not rows:
+                rows.append(MetricSample(**common, data={"buffered": m.buffered}))
+            rows[0].data = {**rows[0].data, "host": _to_dict(host)}
             s.add_all(rows)
             d = s.get(Device, dev)
             if d is not None:
@@ -305,9 +349,11 @@ class Ingest:
             self.prune_metrics()
 
     def prune_metrics(self) -> None:
+        """Delete samples, windows and snapshots older than ``metrics_retention_s``."""
         cutoff = _now_ms() - self.metrics_retention_s * 1000
         with session_scope(self.engine) as s:
             s.exec(delete(MetricSample).where(MetricSample.at_ms < cutoff))  # type: ignore[call-overload,arg-type]
+            windows.prune(s, cutoff_ms=cutoff)
 
 
 class _Garbage(Exception):

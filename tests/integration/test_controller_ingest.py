@@ -112,6 +112,21 @@ async def test_garbage_is_ignored_and_metrics_stored(tmp_path: Path, mosquitto) 
         row = await wait_until(sample, what="metric sample")
         assert row.requests == 100 and row.errors == 2 and row.cpu_percent == 12.5
         assert row.temperature_c == 55
+        # the first message of a (device, model, version) opens no window: no quantiles yet
+        assert row.p50_ms is None and row.p95_ms is None and row.p99_ms is None
+        # the next one is differenced against it: the window holds the same histogram again
+        m.at_ms += 10_000
+        m.models[0].requests, m.models[0].errors = 200, 4
+        del m.models[0].latency.counts[:]
+        m.models[0].latency.counts.extend([0, 100, 80, 20, 0])
+        c.publish(topics.device_topic("board-2", topics.METRICS), m.SerializeToString(), qos=1)
+
+        def windowed():
+            with Session(core.db) as s:
+                return s.exec(select(MetricSample).where(MetricSample.device_id == "board-2",
+                                                         MetricSample.at_ms == m.at_ms)).first()
+
+        row = await wait_until(windowed, what="windowed metric sample")
         assert row.p50_ms == 2.0 and row.p95_ms == 7.5 and row.p99_ms == 9.5
         # the controller kept working: a good heartbeat still lands
         c.publish(hbt, device_pb2.Heartbeat(device_id="board-2").SerializeToString(), qos=1)

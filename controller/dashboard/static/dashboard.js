@@ -19,6 +19,12 @@
     var c = online ? "online" : "offline";
     return '<span class="badge ' + c + '">' + c + "</span>";
   }
+  function pct(v) {
+    return typeof v === "number" ? (100 * v).toFixed(2) + " %" : "-";
+  }
+  function healthCell(d) {
+    return '<td class="health' + (d.stale ? " stale" : "") + '">' + esc(d.health || "-") + "</td>";
+  }
   function num(v, digits) {
     if (v === null || v === undefined) return "-";
     return typeof v === "number" && digits !== undefined ? v.toFixed(digits) : String(v);
@@ -52,8 +58,8 @@
         return '<tr data-device="' + esc(d.id) + '"><td><a href="/devices/' + esc(d.id) + '">' +
           esc(d.id) + "</a></td><td>" + esc(d.device_class) + '</td><td class="status">' +
           badge(d.online) + '</td><td class="served">' + esc(served) + '</td><td class="age">' +
-          esc(age(d.last_heartbeat_age_s)) + '</td><td class="health">' + esc(d.health || "-") +
-          '</td><td class="update">' + esc(d.update_state || "-") + "</td></tr>";
+          esc(age(d.last_heartbeat_age_s)) + "</td>" + healthCell(d) +
+          '<td class="update">' + esc(d.update_state || "-") + "</td></tr>";
       }).join(""));
     }).catch(function () {});
     getJSON("/api/v1/rollouts").then(function (data) {
@@ -78,24 +84,26 @@
     }).catch(function () {});
   }
 
+  // one point per Metrics message: the p95 of its own window (since the device's previous
+  // message), or, without latencies (no requests), the requests/s of that window
   function drawChart(samples) {
     var c = document.getElementById("chart");
     if (!c || !c.getContext) return;
     var g = c.getContext("2d");
     g.clearRect(0, 0, c.width, c.height);
-    var field = "p95_ms", unit = " ms", label = "p95 latency (ms)";
+    var field = "p95_ms", unit = " ms", label = "p95 latency per metrics window (ms)";
     var pts = samples.map(function (m) { return m[field]; }).filter(function (v) {
       return typeof v === "number";
     });
-    if (pts.length < 2) {  // no latency yet (no requests): show the request counter instead
-      field = "requests"; unit = ""; label = "requests (cumulative)";
+    if (pts.length < 2) {
+      field = "requests_per_s"; unit = "/s"; label = "requests/s per metrics window";
       pts = samples.map(function (m) { return m[field]; }).filter(function (v) {
         return typeof v === "number";
       });
     }
     g.fillStyle = "#374151";
     g.font = "12px sans-serif";
-    g.fillText(label + ", last " + pts.length + " samples", 8, 14);
+    g.fillText(label + ", last " + pts.length + " windows", 8, 14);
     if (pts.length < 2) return;
     var max = Math.max.apply(null, pts) || 1;
     g.strokeStyle = "#2563eb";
@@ -107,7 +115,7 @@
       if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
     });
     g.stroke();
-    g.fillText(max.toFixed(field === "requests" ? 0 : 2) + unit, c.width - 70, 14);
+    g.fillText(max.toFixed(2) + unit, c.width - 70, 14);
   }
 
   function refreshDevice() {
@@ -118,14 +126,25 @@
       var a = document.getElementById("dev-age");
       if (a) a.textContent = age(d.last_heartbeat_age_s);
       var h = document.getElementById("dev-health");
-      if (h) h.textContent = (d.health || "-") + " " + (d.health_reason || "");
+      if (h) {
+        h.textContent = (d.health || "-") + " " + (d.health_reason || "");
+        h.className = d.stale ? "stale" : "";
+      }
+      var w = document.getElementById("metrics-window");
+      if (w && d.metrics_window_s) {
+        w.firstChild.textContent = "Requests/s, error rate and p50/p95/p99 over the last " +
+          d.metrics_window_s + " s, per model@version; totals since the agent started. ";
+      }
       var ms = d.metrics || [];
       if (ms.length) {
         setBody("metrics", ms.map(function (m) {
           var rss = m.agent_rss_bytes ? (m.agent_rss_bytes / 1048576).toFixed(1) : "-";
-          return "<tr><td>" + esc(m.model || "(host)") + "@" + esc(m.version) + "</td><td>" +
-            esc(m.requests) + "</td><td>" + esc(m.errors) + "</td><td>" + num(m.p50_ms, 2) +
-            "</td><td>" + num(m.p95_ms, 2) + "</td><td>" + num(m.p99_ms, 2) + "</td><td>" +
+          var mark = m.stale ? ' <span class="badge stale">stale</span>' : "";
+          return "<tr" + (m.stale ? ' class="stale"' : "") + "><td>" + esc(m.model || "(host)") +
+            "@" + esc(m.version) + mark + "</td><td>" + num(m.requests_per_s, 2) + "</td><td>" +
+            pct(m.error_rate) + "</td><td>" + num(m.p50_ms, 2) + "</td><td>" +
+            num(m.p95_ms, 2) + "</td><td>" + num(m.p99_ms, 2) + "</td><td>" +
+            esc(m.requests_total) + "</td><td>" + esc(m.errors_total) + "</td><td>" +
             num(m.cpu_percent, 1) + "</td><td>" + rss + "</td><td>" + num(m.temperature_c, 1) +
             "</td></tr>";
         }).join(""));
