@@ -163,9 +163,9 @@ def _rows(what: str, items: list[dict[str, Any]], *, wide: bool) -> tuple[list[s
                 r += [d["agent_version"], d["serve_url"], d["offline_reason"] or d["health_reason"]]
         return h, rows
     if what == "models":
-        h = ["NAMESPACE", "NAME", "VERSION", "COMPILED", "PHASE", "AGE"]
-        rows = [[m["namespace"], m["name"], m["version"], m["compiled"], m["phase"],
-                 _age(m["created_ms"])] for m in items]
+        h = ["NAMESPACE", "NAME", "VERSION", "COMPILED", "SERVING", "PHASE", "AGE"]
+        rows = [[m["namespace"], m["name"], m["version"], m["compiled"],
+                 m.get("serving", ""), m["phase"], _age(m["created_ms"])] for m in items]
         if wide:
             h += ["SOURCE", "MESSAGE"]
             for r, m in zip(rows, items, strict=True):

@@ -322,7 +322,13 @@ class ClusterController:
     async def _reconcile_rollout(self, obj: dict[str, Any]) -> dict[str, Any]:
         from controller.reconcile.rollouts import reconcile_rollout
 
-        ctx = dataclasses.replace(self.core.rollout_context(), get_model=self._model_for_rollout)
+        def rollouts() -> list[dict[str, Any]]:
+            cache = self.source.cache if self.source is not None else {}
+            return [o for k, o in list(cache.items()) if k[0] == "EdgeRollout"
+                    and not (o.get("metadata") or {}).get("deletionTimestamp")]
+
+        ctx = dataclasses.replace(self.core.rollout_context(), get_model=self._model_for_rollout,
+                                  list_rollouts=rollouts)
         status = await reconcile_rollout(obj, ctx)
         return dict(_drop_nulls(rollout_status_for_cluster(status)))
 

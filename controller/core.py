@@ -106,6 +106,7 @@ class ControllerCore:
         self._running: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._compile_failures: dict[str, str] = {}
         self._finalizing: set[asyncio.Task[None]] = set()   # finalize tasks in _running
+        self._again: set[tuple[str, str, str]] = set()      # kicked while reconciling
         # controller.builder.BuildDispatcher, set by whoever starts one (remote TensorRT builds)
         self.build_dispatcher: Any = None
         self.reconcile_count = 0
@@ -402,6 +403,7 @@ class ControllerCore:
                     key = (res["kind"], md.get("namespace", ""), md["name"])
                     task = self._running.get(key)
                     if task is not None and not task.done():
+                        self._again.add(key)   # changed while it runs: run once more after
                         continue
                     self._running[key] = asyncio.create_task(self._reconcile_one(res))
             except Exception:
@@ -431,6 +433,10 @@ class ControllerCore:
                       "message": f"internal error: {type(e).__name__}: {e}"}
         if self._write_status(res, status) and kind == "EdgeModel":
             self.kick()   # rollouts waiting for engines can go on
+        key = (kind, md.get("namespace", ""), md["name"])
+        if key in self._again:
+            self._again.discard(key)
+            self.kick()
 
     def _write_status(self, res: dict[str, Any], status: dict[str, Any]) -> bool:
         """Store ``status`` if the resource still exists; True when its phase/engines changed."""

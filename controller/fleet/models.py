@@ -254,6 +254,7 @@ class RolloutMember(SQLModel, table=True):
     wave: int = Field(default=0, sa_type=BigInteger)
     joined_ms: int = Field(default=0, sa_type=BigInteger)
     late: bool = False
+    plan: str = ""                       # the waves' sizes it was assigned under
 
 
 class WaveGate(SQLModel, table=True):

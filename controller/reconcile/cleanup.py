@@ -10,10 +10,11 @@ Called in both modes with the resource dict of the deleted object:
 ``finalize_rollout`` stops offering: every DeviceRollout row of the rollout that is not
 finished is marked ``cancelled``; the publisher forgets the rollout's offers (later
 ChunkRequests for its update ids are refused with a log line) and drops its rate lane;
-``sync_devices`` republishes each affected device's DesiredState without the cancelled
-update and clears its retained offer. Devices that committed keep serving what they serve:
-deleting a rollout never uninstalls a model from a board (their rows stay ``committed``, so
-their DesiredState still names the model).
+the targets it set are removed where the device had not reached them yet (kept, without an
+owner, where it had); ``sync_devices`` republishes each affected device's DesiredState
+without the withdrawn target and clears its retained per-model offer. Devices that
+committed keep serving what they serve: deleting a rollout never uninstalls a model from a
+board (their DesiredState still names the model).
 
 ``finalize_model`` keeps the model's engines as rows of the engine cache (content-addressed;
 re-applying the same model reuses them) and reports the rollouts that reference it: they
@@ -104,7 +105,11 @@ async def finalize_rollout(resource: dict[str, Any], ctx: CleanupContext) -> dic
         # the devices' desired state no longer names what this rollout asked for; what
         # they serve stays (deleting a rollout never uninstalls a model from a board)
         for t in targets:
-            s.delete(t)
+            if t.reached_ms:
+                t.rollout = ""           # reached: still what the device should serve
+                s.add(t)
+            else:
+                s.delete(t)
         for m in s.exec(select(RolloutMember).where(RolloutMember.rollout == key)).all():
             s.delete(m)
         for g in s.exec(select(WaveGate).where(WaveGate.rollout == key)).all():

@@ -62,7 +62,8 @@ def build_status(spec: RolloutSpec, prev: dict[str, Any], now: int, *, rel: Any,
                  views: dict[str, DeviceView], wave_results: dict[int, GateResult],
                  blocked: tuple[int, str] | None, failed_gate: WaveGate | None,
                  superseded: dict[str, str], unsupported: list[str],
-                 db: DbEngine) -> dict[str, Any]:
+                 db: DbEngine,
+                 variants: dict[str, dict[str, DeviceView]] | None = None) -> dict[str, Any]:
     vals = list(views.values())
     count = {k: sum(v.state == k for v in vals) for k in
              ("updated", "stalled", "superseded", "backed_out", "pending")}
@@ -73,6 +74,11 @@ def build_status(spec: RolloutSpec, prev: dict[str, Any], now: int, *, rel: Any,
     for d, v in sorted(views.items()):
         wname = spec.waves[v.wave].name if v.wave < len(spec.waves) else str(v.wave)
         devices[d] = v.to_status(wname)
+    vviews = [v for per in (variants or {}).values() for v in per.values()]
+    for d, per in sorted((variants or {}).items()):
+        if d in devices:
+            devices[d]["variants"] = {name: v.to_status(devices[d].get("wave", ""))
+                                      for name, v in sorted(per.items())}
     for d, owner in sorted(superseded.items()):
         devices[d] = {"state": "superseded", "reason": f"owned by the newer rollout {owner}"}
     waves = []
@@ -114,6 +120,12 @@ def build_status(spec: RolloutSpec, prev: dict[str, Any], now: int, *, rel: Any,
         message = (f"paused at wave {current_wave}: {counts}"
                    + (f", {moving} offer(s) in flight" if moving else "")
                    + (f", {waiting} not offered" if waiting else ""))
+    elif blocked is None and any(v.state not in ("updated", "stalled") for v in vviews):
+        phase = ResourcePhase.PROGRESSING.value
+        busy = sorted({v.device_id for v in vviews if v.state not in ("updated", "stalled")})
+        message = (f"all waves passed: {counts}; variants in progress on "
+                   f"{', '.join(busy[:5])}{' ...' if len(busy) > 5 else ''}")
+        blocked = (len(spec.waves) - 1, message)
     elif blocked is None:
         phase = ResourcePhase.COMPLETE.value
         message = f"all waves passed: {counts}"
@@ -146,6 +158,9 @@ def build_status(spec: RolloutSpec, prev: dict[str, Any], now: int, *, rel: Any,
         "bytesSentTotal": _bytes(db, spec.key),
         "devices": devices, "waves": waves, "unsupported": unsupported,
         "history": hist, "observedRetry": spec.retry, "message": message,
+        "variants": {"targeted": len(vviews),
+                     "updated": sum(v.state == "updated" for v in vviews),
+                     "failed": sum(v.state in FAILED for v in vviews)},
         "conditions": conds}
     if previous is not None:
         out["previousVersion"] = previous

@@ -24,6 +24,7 @@ a device twice:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -280,14 +281,49 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
         await _back_out(ctx, spec, rel, failed_gate, members, owned, now)
     if spec.aborted:
         await _abort(ctx, spec, rel, owned, now)
+    back = sorted(owned) if spec.aborted else (
+        [d for d, m in members.items() if failed_gate is not None and m.wave == failed_gate.wave]
+    )
+    if back:                        # ship the previous engines (also while paused)
+        await _offer_moved_back(ctx, rel, [owned[d] for d in back if d in owned], members,
+                                params)
+        for d in back:
+            if d in members:
+                views[d] = _view(ctx, spec, rel, d, members[d].wave, owned.get(d), now,
+                                 deadline, hb_ms)
     if active:
         await _variants(ctx, spec, rel, views, owned, params, now)
     _device_events(ctx, spec, prev, views, superseded, now)
     await sync_devices(db=ctx.db, keys=ctx.keys, publisher=ctx.publisher,
                        device_ids=list(owned), now_ms=ctx.now_ms())
-    return build_status(spec, prev, now, rel=rel, views=views, wave_results=wave_results,
-                        blocked=blocked, failed_gate=failed_gate, superseded=superseded,
-                        unsupported=unsupported, db=ctx.db)
+    variants = _variant_views(ctx, spec, rel, owned, now, deadline, hb_ms)
+    st = build_status(spec, prev, now, rel=rel, views=views, wave_results=wave_results,
+                      blocked=blocked, failed_gate=failed_gate, superseded=superseded,
+                      unsupported=unsupported, db=ctx.db, variants=variants)
+    return st
+
+
+def _variant_views(ctx: RolloutContext, spec: RolloutSpec, rel: Release,
+                   owned: dict[str, Device], now: int, deadline: int,
+                   hb_ms: int) -> dict[str, dict[str, DeviceView]]:
+    """Device id -> variant name -> view, for the release's variant targets."""
+    if not rel.variants:
+        return {}
+    out: dict[str, dict[str, DeviceView]] = {}
+    with session_scope(ctx.db) as s:
+        rows = s.exec(select(DeviceTarget).where(DeviceTarget.model_name == rel.model,
+                                                 DeviceTarget.variant != "",
+                                                 DeviceTarget.rollout == spec.key,
+                                                 DeviceTarget.version == rel.version)).all()
+        for t in rows:
+            if t.device_id not in owned or t.variant not in rel.variants:
+                continue
+            a = offering.attempt_of(s, t)
+            out.setdefault(t.device_id, {})[t.variant] = view(
+                device_id=t.device_id, wave=0, device=owned[t.device_id], target=t,
+                attempt=a, model=rel.model, now_ms=now, deadline_s=deadline,
+                heartbeat_ms=hb_ms)
+    return out
 
 
 def _probe(ctx: RolloutContext, model: dict[str, Any]) -> Any:
@@ -316,16 +352,22 @@ def _stats_fn(ctx: RolloutContext) -> gating.StatsFn | None:
 def _members(ctx: RolloutContext, spec: RolloutSpec, owned: dict[str, Device],
              gates: dict[int, WaveGate], now: int) -> dict[str, RolloutMember]:
     """Wave of every owned device; new devices get one (initial split, or a late join)."""
+    plan = ",".join(f"{w.count}/{w.percent}" for w in spec.waves)
     with session_scope(ctx.db) as s:
-        have = {m.device_id: m for m in s.exec(select(RolloutMember).where(
-            RolloutMember.rollout == spec.key)).all()}
+        rows = s.exec(select(RolloutMember).where(RolloutMember.rollout == spec.key)).all()
+        if any(m.plan != plan for m in rows):      # the waves changed: split again
+            for m in rows:
+                s.delete(m)
+            rows = []
+        have = {m.device_id: m for m in rows}
         new = [d for d in sorted(owned) if d not in have]
         if new:
             if not have:
                 bounds = wave_bounds(spec, len(new))
                 for pos, d in enumerate(new):
                     w = next((i for i, b in enumerate(bounds) if pos < b), len(bounds) - 1)
-                    have[d] = RolloutMember(rollout=spec.key, device_id=d, wave=w, joined_ms=now)
+                    have[d] = RolloutMember(rollout=spec.key, device_id=d, wave=w,
+                                            joined_ms=now, plan=plan)
                     s.add(have[d])
             else:
                 passed = [w for w, g in gates.items() if g.verdict == "passed"]
@@ -333,7 +375,7 @@ def _members(ctx: RolloutContext, spec: RolloutSpec, owned: dict[str, Device],
                 w = max(passed) if passed and not failed else len(spec.waves) - 1
                 for d in new:
                     have[d] = RolloutMember(rollout=spec.key, device_id=d, wave=w,
-                                            joined_ms=now, late=True)
+                                            joined_ms=now, late=True, plan=plan)
                     s.add(have[d])
                 log.info("rollout %s: %d late device(s) join wave %s", spec.key, len(new),
                          spec.waves[min(w, len(spec.waves) - 1)].name)
@@ -510,6 +552,25 @@ async def _back_out(ctx: RolloutContext, spec: RolloutSpec, rel: Release, g: Wav
                     message=f"wave {spec.waves[g.wave].name}: {n} device(s) return to their "
                             f"previous engine after the gate failed ({g.message}); the "
                             "remaining waves are not offered")
+
+
+async def _offer_moved_back(ctx: RolloutContext, rel: Release, devs: list[Device],
+                            members: dict[str, RolloutMember],
+                            params: offering.OfferParams) -> None:
+    """Offer the previous engine to devices whose target was moved back (no probe)."""
+    back = dataclasses.replace(params, probe=None)
+    for dev in devs:
+        with session_scope(ctx.db) as s:
+            t = s.exec(select(DeviceTarget).where(DeviceTarget.device_id == dev.device_id,
+                                                  DeviceTarget.model_name == rel.model,
+                                                  DeviceTarget.variant == "")).first()
+        if t is None or t.reason not in ("backout", "abort"):
+            continue
+        try:
+            await _offer_if_needed(ctx, t, dev, back, wave=members[dev.device_id].wave)
+        except RetryLater as e:
+            log.info("offer of the previous engine to %s deferred: %s", dev.device_id, e)
+            return
 
 
 async def _abort(ctx: RolloutContext, spec: RolloutSpec, rel: Release,

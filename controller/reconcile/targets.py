@@ -177,3 +177,35 @@ def view(*, device_id: str, wave: int, device: Device | None, target: DeviceTarg
         why = "offline" if not v.online else f"no progress ({v.state})"
         v.state, v.reason = "stalled", f"{why} for over {deadline_s}s"
     return v
+
+
+def device_updates(device: Device, targets: list[DeviceTarget],
+                   attempts: dict[str, DeviceRollout]) -> tuple[str, list[dict[str, Any]]]:
+    """The device's UPDATE column and per-target detail: desired vs observed for each of its
+    targets (what it should serve, what it serves, the offer's state). "" when it serves
+    every target; a refused offer of a deleted rollout or an earlier version leaves no
+    trace here (that is history)."""
+    rows: list[dict[str, Any]] = []
+    for t in sorted(targets, key=lambda t: (t.model_name, t.variant)):
+        s = served(device, t.model_name, t.variant)
+        a = attempts.get(t.update_id) if t.update_id else None
+        if reached(t, s):
+            state = "up-to-date"
+        elif fault_for(device, t.model_name, t.target_sha256, t.set_ms) is not None:
+            state = "rolled_back"
+        elif a is not None and a.state != DeviceRolloutState.COMMITTED:
+            state = a.state.value
+        else:
+            state = "pending"
+        rows.append({"model": t.model_name, "variant": t.variant, "state": state,
+                     "desired": f"v{t.version}" + (f"r{t.revision}" if t.revision else ""),
+                     "serving": s.label, "rollout": t.rollout, "reason": t.reason,
+                     "reason_detail": a.reason if a is not None else ""})
+    open_ = [r for r in rows if r["state"] != "up-to-date"]
+    if not open_:
+        return "", rows
+    order = ["failed", "rolled_back", "activating", "staged", "patching", "verifying",
+             "downloading", "offered", "pending", "cancelled"]
+    worst = min(open_, key=lambda r: order.index(r["state"]) if r["state"] in order else 99)
+    text = worst["state"] if len(open_) == 1 else f"{worst['state']} (+{len(open_) - 1})"
+    return text, rows

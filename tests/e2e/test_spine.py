@@ -75,10 +75,10 @@ async def test_spine(mosquitto: Broker, tmp_path: Path) -> None:
 
         # the rollout records per-device state and bytes sent
         ro = await fleet.get("/api/v1/rollouts/default/digits")
-        assert ro["devices_committed"] == 3 and len(ro["devices"]) == 3
-        assert {d["wave"] for d in ro["devices"]} == {0, 1}       # canary, then the rest
-        assert all(d["bytes_sent"] > 0 for d in ro["devices"])
-        assert ro["bytes_sent_total"] == sum(d["bytes_sent"] for d in ro["devices"])
+        assert ro["devices_committed"] == 3 and len(ro["devices"]) == 3 == len(ro["history"])
+        assert {d["wave"] for d in ro["history"]} == {0, 1}       # canary, then the rest
+        assert all(d["bytes_sent"] > 0 for d in ro["history"])
+        assert ro["bytes_sent_total"] == sum(d["bytes_sent"] for d in ro["history"])
 
         # each agent's answer equals onnxruntime on the source model
         x = load_digits_split()[2][:4]

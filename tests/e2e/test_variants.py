@@ -111,8 +111,8 @@ async def test_rollout_ships_light_variant_and_thermal_switches(mosquitto: Broke
                                 what="rollout Complete with its variant",
                                 on_timeout=fleet.logs)
         dev = status["devices"]["board-1"]
-        assert dev["state"] == "committed"
-        assert dev["variants"]["light"]["state"] == "committed"
+        assert dev["state"] == "updated"
+        assert dev["variants"]["light"]["state"] == "updated"
         assert dev["variants"]["light"]["updateId"] != dev["updateId"]
         assert status["variants"] == {"targeted": 1, "updated": 1, "failed": 0}
         ro = await fleet.get("/api/v1/rollouts/default/digits")
@@ -120,7 +120,7 @@ async def test_rollout_ships_light_variant_and_thermal_switches(mosquitto: Broke
         [vrow] = ro["variants"]
         assert vrow["variant"] == "light" and vrow["state"] == "committed"
         assert vrow["target_sha256"] == v_engine["sha256"] and vrow["bytes_sent"] > 0
-        assert ro["bytes_sent_total"] == ro["devices"][0]["bytes_sent"] + vrow["bytes_sent"]
+        assert ro["bytes_sent_total"] == ro["history"][0]["bytes_sent"] + vrow["bytes_sent"]
 
         # cool: the main model answers
         assert await _answer(agent.serve_url, x, want_main, want_light) == "main"

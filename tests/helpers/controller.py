@@ -126,6 +126,21 @@ class FakeDevice:
                                   sent_at_ms=int(time.time() * 1000), labels=self.labels)
         self.client.publish(self.topic(topics.HEARTBEAT), hb.SerializeToString(), qos=1).wait_for_publish(5)
 
+    def metrics(self, model: str, version: int, *, requests: int, errors: int = 0,
+                latency_ms: float = 4.0) -> None:
+        """A Metrics message with cumulative counters; every request in one latency bucket."""
+        bounds = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0]
+        counts = [0] * (len(bounds) + 1)
+        counts[next((i for i, b in enumerate(bounds) if latency_ms <= b), len(bounds))] = requests
+        mm = device_pb2.ModelMetrics(name=model, version=version, requests=requests,
+                                     errors=errors, latency=device_pb2.LatencyHistogram(
+                                         bounds_ms=bounds, counts=counts,
+                                         sum_ms=latency_ms * requests))
+        msg = device_pb2.Metrics(device_id=self.device_id, at_ms=int(time.time() * 1000),
+                                 models=[mm])
+        self.client.publish(self.topic(topics.METRICS), msg.SerializeToString(),
+                            qos=1).wait_for_publish(5)
+
     def status(self, m: update_pb2.UpdateManifest, state: common_pb2.UpdateState, reason: str = "") -> None:
         st = update_pb2.UpdateStatus(device_id=self.device_id, update_id=m.update_id,
                                      model_name=m.model_name, version=m.version, state=state,

@@ -54,7 +54,9 @@ class StepReconciler:
     """
 
     def __init__(self, *, budget: int | None = None,
-                 during: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 during: Callable[[str, dict[str, Any]], None] | None = None,
+                 rollout_status: dict[str, Any] | None = None) -> None:
+        self.rollout_status = rollout_status
         self.calls: list[tuple[str, str, int]] = []
         self.work: list[tuple[str, int, str]] = []
         self.finalized: list[tuple[str, str]] = []
@@ -70,6 +72,8 @@ class StepReconciler:
             self.calls.append((kind, meta["name"], gen))
         if self.during is not None:
             self.during(kind, obj)
+        if kind == "EdgeRollout" and self.rollout_status is not None:
+            return {**self.rollout_status, "observedGeneration": gen}
         if kind != "EdgeModel":
             return {"phase": "Ready", "conditions": [condition("Ready", True, "Accepted")]}
         if spec["targets"][0]["deviceClass"] == "reject-me":

@@ -50,7 +50,8 @@ def retained_offer(port: int, device_id: str) -> bytes | None:
     c.on_message = on_message
     subscribed = threading.Event()
     c.on_subscribe = lambda *_a: subscribed.set()
-    c.subscribe([(topics.device_topic(device_id, topics.OFFER), 1), (marker, 1)])
+    c.subscribe([(topics.device_topic(device_id, topics.OFFER), 1),
+                 (topics.device_topic(device_id, topics.OFFERS), 1), (marker, 1)])
     wait_sync(subscribed.is_set, what="subscribed")
     c.publish(marker, b"x", qos=1)
     wait_sync(done.is_set, what="marker")

@@ -105,7 +105,7 @@ async def test_soak_end_starts_next_wave_without_a_resync(tmp_path: Path, mosqui
         core.apply([edge_rollout("r", "m", [
             {"name": "canary", "count": 1, "healthGate": {"soakSeconds": 2}},
             {"name": "rest", "percent": 100}])])
-        await wait_until(lambda: "soaking" in rollout_status(core).get("message", ""),
+        await wait_until(lambda: "observing" in rollout_status(core).get("message", ""),
                          timeout_s=60, what="canary soaking")
         assert devs["b-dev"].offer_messages == 0
         st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Complete" and x,

@@ -237,3 +237,82 @@ async def test_paused_rollout_tells_the_truth(tmp_path: Path, mosquitto) -> None
         await wait_until(lambda: complete(core), timeout_s=60, what="resumed and complete")
         for d in devs.values():
             d.close()
+
+
+GATED = [{"name": "canary", "count": 1,
+          "healthGate": {"minRequests": 20, "maxErrorRatePercent": 5, "maxLatencyRatio": 2,
+                         "soakSeconds": 3600}},
+         {"name": "rest", "percent": 100}]
+
+
+async def _v1_everywhere_then_v2(core: Any, tmp_path: Path, port: int) -> dict[str, FakeDevice]:
+    await ready_model(core, tmp_path)
+    devs = await registered_devices(core, port, ["a-canary", "b-dev", "c-dev"])
+    core.apply([edge_rollout("r", "m", ALL)])
+    await wait_until(lambda: complete(core, version=1), timeout_s=60, what="v1 everywhere")
+    for d in devs.values():                      # baseline: v1 answers in ~4 ms
+        d.metrics("m", 1, requests=0)
+    await wait_until(lambda: core.reconcile_count > 0, what="a pass")
+    for d in devs.values():
+        d.metrics("m", 1, requests=200, latency_ms=4.0)
+    core.apply([edge_rollout("r", "m", GATED)])
+    await ready_model(core, tmp_path, version=2, marker=2.5)
+    await wait_until(lambda: devs["a-canary"].served[0].version == 2, timeout_s=60,
+                     what="canary on v2")
+    return devs
+
+
+async def test_slow_canary_fails_the_gate_and_returns_to_v1(tmp_path: Path, mosquitto) -> None:
+    async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
+        devs = await _v1_everywhere_then_v2(core, tmp_path, mosquitto.port)
+        v1 = devs["b-dev"].served[0].sha256
+        canary = devs["a-canary"]
+        canary.metrics("m", 2, requests=0)
+        await wait_until(lambda: "observing" in rollout_status(core).get("message", ""),
+                         timeout_s=30, what="canary observed")
+        canary.metrics("m", 2, requests=50, latency_ms=45.0)     # 10x slower
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Paused"
+                              and x, timeout_s=30, what="gate failed")
+        assert "p99" in st["message"] and "baseline" in st["message"]
+        gate = st["waves"][0]["gate"]
+        assert gate["verdict"] == "failed" and gate["signals"]["latencyRatio"] > 2
+        degraded = next(c for c in st["conditions"] if c["type"] == "Degraded")
+        assert degraded["status"] == "True" and degraded["reason"] == "GateFailed"
+        # the canary serves the v1 engine again, as a higher revision of version 2
+        await wait_until(lambda: canary.served[0].sha256 == v1, timeout_s=30,
+                         what="canary back on v1")
+        m = canary.served[0]
+        assert (m.version, m.revision, m.engine_version) == (2, 1, 1)
+        st = await wait_until(lambda: (x := rollout_status(core))["backedOut"] == 1 and x,
+                              timeout_s=30, what="backed out")
+        assert st["devices"]["a-canary"]["state"] == "backed_out"
+        assert [e.message for e in events(core, "GateFailed")][-1].count("p99") == 1
+        assert events(core, "RolledBack")
+        # later waves never offered v2
+        assert all(o.version == 1 for d in ("b-dev", "c-dev") for o in devs[d].offers)
+        for d in devs.values():
+            d.close()
+
+
+async def test_erroring_canary_fails_the_gate(tmp_path: Path, mosquitto) -> None:
+    async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
+        devs = await _v1_everywhere_then_v2(core, tmp_path, mosquitto.port)
+        canary = devs["a-canary"]
+        canary.metrics("m", 2, requests=0)
+        await wait_until(lambda: "observing" in rollout_status(core).get("message", ""),
+                         timeout_s=30, what="canary observed")
+        canary.metrics("m", 2, requests=40, errors=12, latency_ms=4.0)
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Paused"
+                              and x, timeout_s=30, what="gate failed")
+        assert "error rate 30.0%" in st["message"]
+        # retry: the failed wave is re-run (the canary is offered v2 again)
+        n = len(canary.offers)
+        await wait_until(lambda: rollout_status(core)["backedOut"] == 1, timeout_s=30,
+                         what="backed out")
+        spec = core.get("EdgeRollout", "default", "r")["spec"]
+        core.apply([edge_rollout("r", "m", GATED, retry=int(spec.get("retry") or 0) + 1)])
+        await wait_until(lambda: len(canary.offers) > n + 1 or (
+            canary.served[0].version == 2 and canary.served[0].engine_version in (0, 2)
+            and canary.served[0].revision >= 2), timeout_s=30, what="re-offered after retry")
+        for d in devs.values():
+            d.close()

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from controller.api.app import create_app
 from controller.cluster import ClusterController, ClusterOptions, ClusterResources, _ApiView
+from controller.crd.status import condition
 from controller.fleet.db import make_engine, session_scope
 from controller.fleet.models import DeviceRollout, DeviceRolloutState, Engine
 from controller.settings import Settings
@@ -68,7 +69,12 @@ def test_api_and_dashboard_read_the_watch_cache(kube: RunningKube, tmp_path: Pat
         s.add(DeviceRollout(rollout="vision/digits", device_id="board-2", model_name="digits",
                             version=1, state=DeviceRolloutState.PENDING))
 
-    with controller(kube, StepReconciler()) as src:
+    # the rollout's status as the rollout reconcile writes it (desired vs observed counters)
+    ro_status = {"phase": "Progressing", "targeted": 2, "updated": 1, "failed": 0,
+                 "devices": {"board-1": {"state": "updated", "wave": "all"},
+                             "board-2": {"state": "pending", "wave": "all"}},
+                 "conditions": [condition("Ready", True, "Accepted")]}
+    with controller(kube, StepReconciler(rollout_status=ro_status)) as src:
         ctrl = ClusterController(settings, ClusterOptions())
         ctrl.source = src
         ctrl.core = _Core(db)
@@ -91,7 +97,8 @@ def test_api_and_dashboard_read_the_watch_cache(kube: RunningKube, tmp_path: Pat
             ("vision", "digits", "digits", "1/2")]
         full = http.get("/api/v1/rollouts/vision/digits").json()
         assert {d["device_id"]: d["state"] for d in full["devices"]} == {
-            "board-1": "committed", "board-2": "pending"}
+            "board-1": "updated", "board-2": "pending"}
+        assert [h["state"] for h in full["history"]] == ["committed", "pending"]
         page = http.get("/").text
         table = page.split('id="models"')[1].split("</table>")[0]
         assert "default/alpha" in table and "vision/digits" in table and "2/2" in table
