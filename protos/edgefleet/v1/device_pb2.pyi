@@ -75,7 +75,7 @@ class ModelFault(_message.Message):
     def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., version: _Optional[int] = ..., revision: _Optional[int] = ..., sha256: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class UpdateProgress(_message.Message):
-    __slots__ = ("update_id", "model_name", "version", "state", "reason", "bytes_received", "bytes_total", "revision", "variant", "target_sha256", "probe")
+    __slots__ = ("update_id", "model_name", "version", "state", "reason", "bytes_received", "bytes_total", "revision", "variant", "target_sha256", "probe", "shadow")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class UpdateProgress(_message.Message):
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     TARGET_SHA256_FIELD_NUMBER: _ClassVar[int]
     PROBE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     model_name: str
     version: int
@@ -98,7 +99,8 @@ class UpdateProgress(_message.Message):
     variant: str
     target_sha256: str
     probe: _update_pb2.ProbeReport
-    def __init__(self, update_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.UpdateState, str]] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_total: _Optional[int] = ..., revision: _Optional[int] = ..., variant: _Optional[str] = ..., target_sha256: _Optional[str] = ..., probe: _Optional[_Union[_update_pb2.ProbeReport, _Mapping]] = ...) -> None: ...
+    shadow: _update_pb2.ShadowReport
+    def __init__(self, update_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.UpdateState, str]] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_total: _Optional[int] = ..., revision: _Optional[int] = ..., variant: _Optional[str] = ..., target_sha256: _Optional[str] = ..., probe: _Optional[_Union[_update_pb2.ProbeReport, _Mapping]] = ..., shadow: _Optional[_Union[_update_pb2.ShadowReport, _Mapping]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("device_id", "device_class", "facts", "models", "updates", "agent_version", "uptime_s", "sent_at_ms", "seq", "health", "health_reason", "serve_url", "labels", "slots", "faults", "desired_generation", "restarts")

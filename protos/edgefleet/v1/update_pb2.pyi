@@ -20,7 +20,7 @@ class SignedEnvelope(_message.Message):
     def __init__(self, payload_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class UpdateManifest(_message.Message):
-    __slots__ = ("update_id", "device_class", "model_name", "version", "target_sha256", "target_size", "codec", "base_sha256", "payload_sha256", "payload_size", "chunk_size", "chunk_sha256", "issued_at_ms", "expires_at_ms", "fingerprint", "signature", "rollout", "variant", "device_id", "revision", "engine_version", "probe")
+    __slots__ = ("update_id", "device_class", "model_name", "version", "target_sha256", "target_size", "codec", "base_sha256", "payload_sha256", "payload_size", "chunk_size", "chunk_sha256", "issued_at_ms", "expires_at_ms", "fingerprint", "signature", "rollout", "variant", "device_id", "revision", "engine_version", "probe", "shadow")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class UpdateManifest(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROBE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     device_class: str
     model_name: str
@@ -65,7 +66,42 @@ class UpdateManifest(_message.Message):
     revision: int
     engine_version: int
     probe: ProbeSpec
-    def __init__(self, update_id: _Optional[str] = ..., device_class: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., target_sha256: _Optional[str] = ..., target_size: _Optional[int] = ..., codec: _Optional[str] = ..., base_sha256: _Optional[str] = ..., payload_sha256: _Optional[str] = ..., payload_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[bytes]] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., fingerprint: _Optional[_Union[_common_pb2.EngineFingerprint, _Mapping]] = ..., signature: _Optional[_Union[_common_pb2.ModelSignature, _Mapping]] = ..., rollout: _Optional[str] = ..., variant: _Optional[str] = ..., device_id: _Optional[str] = ..., revision: _Optional[int] = ..., engine_version: _Optional[int] = ..., probe: _Optional[_Union[ProbeSpec, _Mapping]] = ...) -> None: ...
+    shadow: ShadowSpec
+    def __init__(self, update_id: _Optional[str] = ..., device_class: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., target_sha256: _Optional[str] = ..., target_size: _Optional[int] = ..., codec: _Optional[str] = ..., base_sha256: _Optional[str] = ..., payload_sha256: _Optional[str] = ..., payload_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[bytes]] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., fingerprint: _Optional[_Union[_common_pb2.EngineFingerprint, _Mapping]] = ..., signature: _Optional[_Union[_common_pb2.ModelSignature, _Mapping]] = ..., rollout: _Optional[str] = ..., variant: _Optional[str] = ..., device_id: _Optional[str] = ..., revision: _Optional[int] = ..., engine_version: _Optional[int] = ..., probe: _Optional[_Union[ProbeSpec, _Mapping]] = ..., shadow: _Optional[_Union[ShadowSpec, _Mapping]] = ...) -> None: ...
+
+class ShadowSpec(_message.Message):
+    __slots__ = ("seconds", "min_samples", "sample_percent", "max_cpu_percent", "min_agreement", "max_latency_ratio")
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MIN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    seconds: int
+    min_samples: int
+    sample_percent: int
+    max_cpu_percent: int
+    min_agreement: float
+    max_latency_ratio: float
+    def __init__(self, seconds: _Optional[int] = ..., min_samples: _Optional[int] = ..., sample_percent: _Optional[int] = ..., max_cpu_percent: _Optional[int] = ..., min_agreement: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ...) -> None: ...
+
+class ShadowReport(_message.Message):
+    __slots__ = ("samples", "agreement", "staged_p99_ms", "active_p99_ms", "passed", "detail", "at_ms")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    STAGED_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    agreement: float
+    staged_p99_ms: float
+    active_p99_ms: float
+    passed: bool
+    detail: str
+    at_ms: int
+    def __init__(self, samples: _Optional[int] = ..., agreement: _Optional[float] = ..., staged_p99_ms: _Optional[float] = ..., active_p99_ms: _Optional[float] = ..., passed: _Optional[bool] = ..., detail: _Optional[str] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class ProbeSpec(_message.Message):
     __slots__ = ("samples_npz", "metric", "threshold")
@@ -118,7 +154,7 @@ class ChunkRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., update_id: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UpdateStatus(_message.Message):
-    __slots__ = ("device_id", "update_id", "model_name", "version", "state", "reason", "action", "bytes_received", "bytes_total", "at_ms", "target_sha256", "revision", "variant", "probe")
+    __slots__ = ("device_id", "update_id", "model_name", "version", "state", "reason", "action", "bytes_received", "bytes_total", "at_ms", "target_sha256", "revision", "variant", "probe", "shadow")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +169,7 @@ class UpdateStatus(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     PROBE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     update_id: str
     model_name: str
@@ -147,7 +184,8 @@ class UpdateStatus(_message.Message):
     revision: int
     variant: str
     probe: ProbeReport
-    def __init__(self, device_id: _Optional[str] = ..., update_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.UpdateState, str]] = ..., reason: _Optional[str] = ..., action: _Optional[_Union[_common_pb2.ErrorAction, str]] = ..., bytes_received: _Optional[int] = ..., bytes_total: _Optional[int] = ..., at_ms: _Optional[int] = ..., target_sha256: _Optional[str] = ..., revision: _Optional[int] = ..., variant: _Optional[str] = ..., probe: _Optional[_Union[ProbeReport, _Mapping]] = ...) -> None: ...
+    shadow: ShadowReport
+    def __init__(self, device_id: _Optional[str] = ..., update_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.UpdateState, str]] = ..., reason: _Optional[str] = ..., action: _Optional[_Union[_common_pb2.ErrorAction, str]] = ..., bytes_received: _Optional[int] = ..., bytes_total: _Optional[int] = ..., at_ms: _Optional[int] = ..., target_sha256: _Optional[str] = ..., revision: _Optional[int] = ..., variant: _Optional[str] = ..., probe: _Optional[_Union[ProbeReport, _Mapping]] = ..., shadow: _Optional[_Union[ShadowReport, _Mapping]] = ...) -> None: ...
 
 class SigningKey(_message.Message):
     __slots__ = ("key_id", "public_key", "expires_at_ms")
