@@ -45,6 +45,20 @@ class OfferParams:
     max_bytes_per_second: int
     ttl_s: int
     probe: update_pb2.ProbeSpec | None = None
+    shadow: update_pb2.ShadowSpec | None = None
+
+
+def shadow_spec(gate_shadow: dict[str, Any] | None) -> update_pb2.ShadowSpec | None:
+    """The manifest's ShadowSpec from a wave's ``healthGate.shadow`` (CRD defaults)."""
+    if not gate_shadow:
+        return None
+    g = gate_shadow
+    return update_pb2.ShadowSpec(
+        seconds=int(g.get("seconds", 60)), min_samples=int(g.get("minSamples", 50)),
+        sample_percent=int(g.get("samplePercent", 20)),
+        max_cpu_percent=int(g.get("maxCpuPercent", 25)),
+        min_agreement=float(g.get("minAgreement", 0.99)),
+        max_latency_ratio=float(g.get("maxLatencyRatio", 0)))
 
 
 def attempt_of(s: Any, t: DeviceTarget) -> DeviceRollout | None:
@@ -79,6 +93,8 @@ async def offer(ctx: Any, t: DeviceTarget, dev: Device, p: OfferParams, *,
         rollout=p.rollout, variant=t.variant, revision=t.revision,
         engine_version=t.engine_version,
         probe=p.probe if not t.variant and t.reason in ("rollout", "undo") else None)
+    if p.shadow is not None and not t.variant and t.reason == "rollout" and cur.sha256:
+        manifest.shadow.CopyFrom(p.shadow)      # compared with the engine it serves now
     env = ctx.keys.sign(manifest)
     now = ctx.now_ms()
     with session_scope(ctx.db) as s:

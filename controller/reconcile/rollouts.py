@@ -24,6 +24,7 @@ a device twice:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -237,7 +238,7 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
     params = offering.OfferParams(
         rollout=spec.key, chunk_size=chunk, max_bytes_per_second=spec.max_bytes_per_second,
         ttl_s=min(ctx.settings.offer_ttl_s, max(deadline * 6, 300)),
-        probe=_probe(ctx, model) if rel.reason == "rollout" else None)
+        probe=await asyncio.to_thread(_probe, ctx, model) if rel.reason == "rollout" else None)
     active = not spec.paused and not spec.aborted
     views: dict[str, DeviceView] = {}
     wave_results: dict[int, gating.GateResult] = {}
@@ -247,7 +248,8 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
         wdevs = sorted(d for d, m in members.items() if m.wave == wi)
         g = gates.get(wi)
         if active or g is not None:
-            await _targets_for(ctx, spec, rel, [owned[d] for d in wdevs], wi, params, now,
+            wparams = dataclasses.replace(params, shadow=offering.shadow_spec(wave.gate.shadow))
+            await _targets_for(ctx, spec, rel, [owned[d] for d in wdevs], wi, wparams, now,
                                offer=active and (g is None or g.verdict == "passed"))
         for d in wdevs:
             views[d] = _view(ctx, spec, rel, d, wi, owned.get(d), now, deadline, hb_ms)

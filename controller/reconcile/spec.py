@@ -27,6 +27,7 @@ class HealthGate:
     max_latency_ratio: float | None = None
     max_unhealthy_percent: float | None = None
     require_accuracy_probe: bool = False
+    shadow: dict[str, Any] | None = None      # healthGate.shadow (shipped in the offers)
 
     @property
     def watches_serving(self) -> bool:
@@ -49,7 +50,8 @@ class HealthGate:
                    max_error_rate_percent=opt("maxErrorRatePercent"),
                    max_latency_ratio=opt("maxLatencyRatio"),
                    max_unhealthy_percent=opt("maxUnhealthyPercent"),
-                   require_accuracy_probe=bool(d.get("requireAccuracyProbe", False)))
+                   require_accuracy_probe=bool(d.get("requireAccuracyProbe", False)),
+                   shadow=dict(d["shadow"]) if isinstance(d.get("shadow"), dict) else None)
 
 
 @dataclass(frozen=True)

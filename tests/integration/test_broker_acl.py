@@ -193,6 +193,8 @@ def test_device_publishes_own_heartbeat_not_anothers(secure: SecureBroker) -> No
         for leaf in topics.DEVICE_TO_CONTROLLER:
             assert not dev.publish(topics.device_topic("dev-a", leaf), b"x").is_failure, leaf
         for leaf in topics.CONTROLLER_TO_DEVICE:
+            # a wildcard read leaf (update/offer/#) is checked on one of its topics
+            leaf = topics.offer_leaf("digits") if leaf == topics.OFFERS else leaf
             rc = dev.publish(topics.device_topic("dev-a", leaf), b"x")
             assert rc.value == NOT_AUTHORIZED, (leaf, rc)
         assert dev.publish(topics.TRUST_KEYS, b"x").value == NOT_AUTHORIZED
@@ -219,8 +221,18 @@ def test_device_cannot_read_another_devices_offer(secure: SecureBroker) -> None:
                  "dev-a's own offer via both subscriptions")
         assert dev.received(offer_b) == []
         assert set(dev.received(offer_a)) == {b"offer-a-live"}
+        # the per-model offer topics (update/offer/{model}) are confined the same way
+        m_a, m_b = (topics.device_topic(d, topics.offer_leaf("digits")) for d in ("dev-a", "dev-b"))
+        assert not ctl.publish(m_b, b"model-offer-b", retain=True).is_failure
+        dev.subscribe(topics.device_subscription(topics.OFFERS))
+        dev.subscribe(topics.device_topic("dev-a", topics.OFFERS))
+        assert not ctl.publish(m_a, b"model-offer-a").is_failure
+        dev.wait(lambda: len(dev.received(m_a)) >= 2, "dev-a's own per-model offer")
+        assert dev.received(m_b) == []
     finally:
         ctl.c.publish(topics.device_topic("dev-b", topics.OFFER), b"", qos=1, retain=True)
+        ctl.c.publish(topics.device_topic("dev-b", topics.offer_leaf("digits")), b"", qos=1,
+                      retain=True)
         dev.stop()
         ctl.stop()
 

@@ -316,3 +316,25 @@ async def test_erroring_canary_fails_the_gate(tmp_path: Path, mosquitto) -> None
             and canary.served[0].revision >= 2), timeout_s=30, what="re-offered after retry")
         for d in devs.values():
             d.close()
+
+
+async def test_wave_shadow_check_travels_in_the_offer(tmp_path: Path, mosquitto) -> None:
+    shadow = {"seconds": 30, "minSamples": 10, "minAgreement": 0.98, "maxLatencyRatio": 1.5}
+    waves = [{"name": "canary", "count": 1, "healthGate": {"shadow": shadow}},
+             {"name": "rest", "percent": 100}]
+    async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
+        await ready_model(core, tmp_path)
+        devs = await registered_devices(core, mosquitto.port, ["a1", "b2"])
+        core.apply([edge_rollout("r", "m", waves)])
+        await wait_until(lambda: complete(core), timeout_s=60, what="v1")
+        # a first install has nothing to compare with: no shadow check in its offer
+        assert not any(o.HasField("shadow") for d in devs.values() for o in d.offers)
+        await ready_model(core, tmp_path, version=2, marker=2.0)
+        await wait_until(lambda: complete(core, version=2), timeout_s=60, what="v2")
+        canary, rest = devs["a1"].offers[-1], devs["b2"].offers[-1]
+        assert canary.HasField("shadow") and not rest.HasField("shadow")
+        s = canary.shadow
+        assert (s.seconds, s.min_samples, s.sample_percent, s.max_cpu_percent) == (30, 10, 20, 25)
+        assert abs(s.min_agreement - 0.98) < 1e-9 and abs(s.max_latency_ratio - 1.5) < 1e-9
+        for d in devs.values():
+            d.close()
