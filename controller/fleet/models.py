@@ -263,7 +263,7 @@ class WaveGate(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     rollout: str = Field(index=True)
-    release: str = ""                     # "v{version}e{engine_version}r{retry}"
+    release: str = ""                     # "v{version}e{engine_version}:{wave plan}"
     wave: int = Field(default=0, sa_type=BigInteger)
     verdict: str = ""                     # passed | failed
     message: str = ""

@@ -54,7 +54,7 @@ from controller.reconcile import offering
 from controller.reconcile.desired import sync_devices
 from controller.reconcile.rollout_status import build_status, pending_status
 from controller.reconcile.spec import RolloutSpec, owner_order
-from controller.reconcile.targets import DeviceView, served, view
+from controller.reconcile.targets import DeviceView, reached, served, view
 from controller.settings import Settings
 from protos.errors import RetryLater
 
@@ -225,7 +225,7 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
     owned = {i: d for i, d in selected.items() if i not in superseded and i not in unsupported}
     with session_scope(ctx.db) as s:
         gates = {(g.wave): g for g in s.exec(select(WaveGate).where(
-            WaveGate.rollout == spec.key, WaveGate.release == rel.key)).all()
+            WaveGate.rollout == spec.key, WaveGate.release == _gate_key(spec, rel))).all()
             if g.verdict == "passed" or g.signals.get("retry", 0) == spec.retry}
     members = _members(ctx, spec, owned, gates, now)
     if not owned:
@@ -513,15 +513,21 @@ def _view(ctx: RolloutContext, spec: RolloutSpec, rel: Release, dev_id: str, wav
                 model=rel.model, now_ms=now, deadline_s=deadline, heartbeat_ms=hb_ms)
 
 
+def _gate_key(spec: RolloutSpec, rel: Release) -> str:
+    """Gate decisions hold for one release under one wave plan (changed waves: decide again)."""
+    plan = ",".join(f"{w.count}/{w.percent}" for w in spec.waves)
+    return f"{rel.key}:{plan}"
+
+
 def _decide(ctx: RolloutContext, spec: RolloutSpec, rel: Release, wave: int,
             res: gating.GateResult, now: int) -> WaveGate:
     """Persist a gate decision (once per release, wave and retry round) with an Event."""
     name = spec.waves[wave].name
     with session_scope(ctx.db) as s:
         g = s.exec(select(WaveGate).where(WaveGate.rollout == spec.key,
-                                          WaveGate.release == rel.key,
+                                          WaveGate.release == _gate_key(spec, rel),
                                           WaveGate.wave == wave)).first()
-        g = g or WaveGate(rollout=spec.key, release=rel.key, wave=wave)
+        g = g or WaveGate(rollout=spec.key, release=_gate_key(spec, rel), wave=wave)
         g.verdict, g.message, g.decided_ms = res.verdict, res.message, now
         g.signals, g.acted = {**res.signals, "retry": spec.retry}, res.verdict == "passed"
         s.add(g)
@@ -597,13 +603,22 @@ def _move_back(ctx: RolloutContext, spec: RolloutSpec, rel: Release, devs: list[
                     or t.version != rel.version or not t.prev_sha256):
                 continue
             srv = served(owned.get(d), rel.model)
-            if srv.sha256 == t.prev_sha256:           # never left it: nothing to ship
+            a = offering.attempt_of(s, t)
+            offered = a is not None and a.state not in (DeviceRolloutState.PENDING,
+                                                         DeviceRolloutState.CANCELLED)
+            if t.target_sha256 == t.prev_sha256 and reached(t, srv):
+                t.reason = reason                     # already on the previous engine
+            elif srv.sha256 == t.prev_sha256 and not offered:   # never left it: no bytes
                 t.version, t.revision = srv.pair
                 t.engine_version = srv.engine_version or srv.version
             else:
                 base = max((t.version, t.revision), srv.pair)
                 t.version, t.revision = base[0], base[1] + 1
                 t.engine_version = t.prev_engine_version or t.prev_version
+            if t.reason == reason:
+                s.add(t)
+                n += 1
+                continue
             t.target_sha256, t.reason, t.retry = t.prev_sha256, reason, spec.retry
             t.set_ms = t.progress_ms = now
             t.reached_ms, t.update_id = None, ""

@@ -106,6 +106,7 @@ class FakeDevice:
     labels: dict[str, str] = field(default_factory=dict)
     empty_offers: int = 0                # retained offer cleared (zero-length message)
     desired: list[update_pb2.DesiredState] = field(default_factory=list)
+    slot_models: list[device_pb2.ServedModel] = field(default_factory=list)  # inactive slots
 
     def __post_init__(self) -> None:
         self.trust = trust.TrustState(root_public=self.root_public)
@@ -123,7 +124,8 @@ class FakeDevice:
     def heartbeat(self) -> None:
         hb = device_pb2.Heartbeat(device_id=self.device_id, device_class=self.device_class,
                                   models=self.served, agent_version="test", health="ok",
-                                  sent_at_ms=int(time.time() * 1000), labels=self.labels)
+                                  sent_at_ms=int(time.time() * 1000), labels=self.labels,
+                                  slots=[*self.served, *self.slot_models])
         self.client.publish(self.topic(topics.HEARTBEAT), hb.SerializeToString(), qos=1).wait_for_publish(5)
 
     def metrics(self, model: str, version: int, *, requests: int, errors: int = 0,
@@ -232,6 +234,13 @@ class FakeDevice:
     def _commit(self, m: update_pb2.UpdateManifest) -> None:
         """Serve the manifest's target (other models and variants stay) and report it."""
         keep = [x for x in self.served if (x.name, x.variant) != (m.model_name, m.variant)]
+        old = [x for x in self.served if (x.name, x.variant) == (m.model_name, m.variant)]
+        if old and old[0].sha256 != m.target_sha256:   # A/B: the previous engine stays
+            prev = device_pb2.ServedModel()
+            prev.CopyFrom(old[0])
+            prev.active = False
+            self.slot_models = [x for x in self.slot_models
+                                if (x.name, x.variant) != (m.model_name, m.variant)] + [prev]
         self.served = keep + [device_pb2.ServedModel(
             name=m.model_name, version=m.version, sha256=m.target_sha256, active=True,
             slot="b", revision=m.revision, engine_version=m.engine_version,

@@ -338,3 +338,39 @@ async def test_wave_shadow_check_travels_in_the_offer(tmp_path: Path, mosquitto)
         assert abs(s.min_agreement - 0.98) < 1e-9 and abs(s.max_latency_ratio - 1.5) < 1e-9
         for d in devs.values():
             d.close()
+
+
+async def test_undo_and_abort_roll_forward_from_the_other_slot(tmp_path: Path,
+                                                              mosquitto) -> None:
+    soak = [{"name": "canary", "count": 1, "healthGate": {"soakSeconds": 3600}},
+            {"name": "rest", "percent": 100}]
+    async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
+        v1 = await ready_model(core, tmp_path)
+        devs = await registered_devices(core, mosquitto.port, ["a1", "b2"])
+        core.apply([edge_rollout("r", "m", ALL)])
+        await wait_until(lambda: complete(core, version=1), timeout_s=60, what="v1")
+        v2 = await ready_model(core, tmp_path, version=2, marker=2.0)
+        await wait_until(lambda: complete(core, version=2), timeout_s=60, what="v2")
+        # undo: the v1 engine again, as revision 1 of version 2, from the other slot
+        core.apply([edge_rollout("r", "m", ALL, rollbackTo={"version": 1})])
+        st = await wait_until(lambda: (x := complete(core)) and x.get("engineVersion") == 1
+                              and x["updated"] == 2 and x, timeout_s=60, what="undone")
+        for d in devs.values():
+            o = d.offers[-1]
+            assert (o.version, o.revision, o.engine_version, o.codec) == (2, 1, 1, "slot")
+            assert o.payload_size == 0 and d.served[0].sha256 == v1
+        assert st["bytesSent"] == 0
+        # redo (rollbackTo removed): the v2 engine as revision 2, again without bytes
+        core.apply([edge_rollout("r", "m", soak)])
+        await wait_until(lambda: devs["a1"].served[0].sha256 == v2, timeout_s=60,
+                         what="canary on v2 again")
+        assert devs["a1"].offers[-1].codec == "slot" and devs["a1"].offers[-1].revision == 2
+        # abort while the canary soaks: it returns to the v1 engine; the rest never moved
+        core.apply([edge_rollout("r", "m", soak, aborted=True)])
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Aborted"
+                              and x["backedOut"] == 2 and x, timeout_s=60, what="aborted")
+        assert devs["a1"].served[0].sha256 == v1 and devs["a1"].served[0].revision == 3
+        assert devs["b2"].served[0].sha256 == v1 and devs["b2"].served[0].revision == 1
+        assert events(core, "RolledBack")
+        for d in devs.values():
+            d.close()
