@@ -194,6 +194,7 @@ class OfferCounter:
         self.client = mqtt_client(port, "offer-counter")
         self.client.on_message = self._on
         self.client.subscribe(topics.device_subscription(topics.OFFER), qos=1)
+        self.client.subscribe(topics.device_subscription(topics.OFFERS), qos=1)  # per model
 
     def _on(self, _c: Any, _u: Any, msg: Any) -> None:
         parsed = topics.parse_device_topic(msg.topic)
