@@ -3,7 +3,9 @@
 Called by the update pipeline (``agent.update``, from its own thread) through
 :meth:`ModelRegistry.activate`, by the inference server (:mod:`agent.serve`) through
 :meth:`ModelRegistry.get`, by the thermal policy (``set_max_concurrency``,
-``set_preferred_variant``) and by the heartbeat (``served``).
+``set_preferred_variant``), by the heartbeat (``served``) and by the shadow check
+(:mod:`agent.update.shadow`, ``set_tap``: a callback after each inference of a model, which
+must only enqueue; it is dropped the first time it raises).
 
 ``activate`` loads the new engine beside the old one, warms it up (on the caller's
 ``warmup_inputs``, e.g. the first sample of the update's accuracy probe, else on synthetic
@@ -25,7 +27,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +44,9 @@ if TYPE_CHECKING:  # numpy comes with the first engine (backends import it), not
     import numpy as np
 
 log = logging.getLogger(__name__)
+
+#: ``tap(inputs, outputs, latency_ms)`` after a successful inference (see ``set_tap``)
+Tap = Callable[[dict[str, "np.ndarray"], dict[str, "np.ndarray"], float], None]
 
 
 class ModelNotFound(Rejected):
@@ -153,7 +158,17 @@ class EngineLease:
         """Run ``inputs`` (through the model's dynamic batcher when batching is configured);
         returns the outputs and the rows of the inference this call ran (0 when the request
         rode along in another request's batch: one count per execution). Call inside the
-        ``with`` block."""
+        ``with`` block. A tap set on this engine's model (``set_tap``) sees the result."""
+        tap = self._registry._taps.get((self._entry.name, self._entry.variant))
+        if tap is None:
+            return self._infer(inputs)
+        started = time.perf_counter()
+        result = self._infer(inputs)
+        self._registry._call_tap(tap, self._entry, inputs, result[0],
+                                 (time.perf_counter() - started) * 1000)
+        return result
+
+    def _infer(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
             return batcher.infer(inputs, expected=True)
@@ -190,6 +205,7 @@ class ModelRegistry:
         self._limiters: dict[str, _Limiter] = {}
         self._batching: dict[str, BatchingConfig] = {}
         self._preferred_variant = ""
+        self._taps: dict[tuple[str, str], Tap] = {}  # replaced, never mutated: read unlocked
         self.stats = stats or ServingStats()
 
     # ---- serving path -------------------------------------------------------------------
@@ -254,6 +270,31 @@ class ModelRegistry:
             limiter.release()
         if close_now:
             self._close(entry)
+
+    def set_tap(self, name: str, tap: Tap | None, *, variant: str = "") -> None:
+        """Call ``tap(inputs, outputs, latency_ms)`` on the serving thread after every
+        successful inference of ``name``/``variant`` on its active engine (None removes it).
+        The tap must be cheap (enqueue, never wait); one that raises is removed."""
+        with self._lock:
+            taps = dict(self._taps)
+            if tap is None:
+                taps.pop((name, variant), None)
+            else:
+                taps[(name, variant)] = tap
+            self._taps = taps
+
+    def _call_tap(self, tap: Tap, entry: _Entry, inputs: dict[str, np.ndarray],
+                  outputs: dict[str, np.ndarray], latency_ms: float) -> None:
+        if entry.retired:  # a request that finished on the engine just swapped out
+            return
+        try:
+            tap(inputs, outputs, latency_ms)
+        except Exception:  # a tap never fails a request: drop it
+            log.exception("inference tap of %s%s failed; removed", entry.name,
+                          f".{entry.variant}" if entry.variant else "")
+            with self._lock:
+                if self._taps.get((entry.name, entry.variant)) is tap:
+                    self._taps = {k: t for k, t in self._taps.items() if t is not tap}
 
     # ---- update path --------------------------------------------------------------------
     def activate(self, *, name: str, version: int, path: Path, sha256: str,

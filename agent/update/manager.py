@@ -9,7 +9,10 @@ serving. A codec "slot" update (or a signed DesiredState, :mod:`.desired`) names
 already in a slot: RECEIVED -> STAGED -> ACTIVATING -> COMMITTED, no bytes move. Every
 transition is persisted by :class:`.state.StateStore` and reported as an ``UpdateStatus`` on
 ``.../update/status``; after a commit the signed accuracy probe runs (``agent.update.probe``)
-and a second COMMITTED status carries its report. After a restart
+and a second COMMITTED status carries its report. A manifest with a ``ShadowSpec`` stops at
+STAGED while :mod:`.shadow` mirrors live requests to the staged engine (checked on ticks,
+the worker never waits; restarted from STAGED after a restart): passed -> activation,
+failed -> FAILED (``shadow_check``), the active engine untouched. After a restart
 :meth:`UpdateManager.resume` picks up where the persisted state says; local fallbacks
 (integrity, load failures, crash loops: :mod:`.serving`) mark the update ROLLED_BACK.
 Created and driven by :class:`agent.app.Agent`.
@@ -30,6 +33,7 @@ from agent.config import AgentConfig
 from agent.trust_store import TrustStore
 from agent.update import desired as desired_plan
 from agent.update import report
+from agent.update import shadow as shadow_check
 from agent.update.download import Fetcher
 from agent.update.health import BootMarkers, FaultLog
 from agent.update.patch import build_target
@@ -96,6 +100,8 @@ class UpdateManager:
                                on_fallback=self._on_fallback)
         self._next_periodic = 0.0
         self._next_desired = 0.0
+        self.shadows = shadow_check.ShadowGate(registry=registry, slots=slots,
+                                               loaded=self.serving.loaded.get)
 
     # ---- wiring ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -107,6 +113,7 @@ class UpdateManager:
         self.submit("stop", b"")
         if self._thread:
             self._thread.join(10)
+        self.shadows.close()
         self.fetch.close()
 
     def submit(self, kind: str, payload: bytes) -> None:
@@ -207,6 +214,7 @@ class UpdateManager:
             self._next_periodic = time.monotonic() + TICK_S
             self.fetch.check_stalls()
             self.serving.tick()
+            self._poll_shadows()
             if time.monotonic() >= self._next_desired:
                 self._next_desired = time.monotonic() + DESIRED_RECHECK_S
                 self._reconcile_desired()
@@ -264,7 +272,8 @@ class UpdateManager:
                     f"({cur.version}, {cur.revision}) of update {cur.update_id} in progress",
                     reason="rollback"))
                 return
-            if cur.state in (UpdateState.STAGED, UpdateState.ACTIVATING):
+            if cur.state == UpdateState.ACTIVATING or (
+                    cur.state == UpdateState.STAGED and key not in self.shadows):
                 log.info("offer %s waits: %s is activating", vu.update_id, cur.update_id)
                 return
             self._finish(ms, UpdateState.FAILED, GiveUp(
@@ -464,6 +473,9 @@ class UpdateManager:
         self._send_status(self._status_of(rec))
 
     def _activate_staged(self, ms: ModelUpdateState, vu: VerifiedUpdate) -> None:
+        assert ms.current is not None
+        if self.shadows.pending(ms.key, ms.current, vu):
+            return  # stays STAGED; _poll_shadows continues on a tick
         if vu.is_slot:
             self._activate_from_slot(ms, vu)
             return
@@ -479,6 +491,23 @@ class UpdateManager:
         warmup = report.warmup_inputs(vu.manifest)
         if self._swapped(ms, lambda: self.serving.activate(info, warmup_inputs=warmup)):
             self._commit(ms, vu, info, previous)
+
+    # ---- shadow check (agent.update.shadow) ------------------------------------------------
+    def _poll_shadows(self) -> None:
+        """On ticks: act on every shadow check that decided (activate, or FAILED)."""
+        for key, vu, decision in self.shadows.decided():
+            ms = self.models.get(key)
+            rec = ms.current if ms else None
+            if ms is None or rec is None or rec.update_id != vu.update_id or \
+                    rec.state != UpdateState.STAGED:
+                continue
+            rec.shadow_b64 = base64.b64encode(decision.SerializeToString()).decode()
+            self.states.save(ms)
+            if decision.passed:
+                self._advance(ms, vu)
+            else:
+                self._finish(ms, UpdateState.FAILED, GiveUp(decision.detail,
+                                                            reason="shadow_check"))
 
     def _resume_activating(self, ms: ModelUpdateState, vu: VerifiedUpdate) -> None:
         rec = ms.current
@@ -503,6 +532,7 @@ class UpdateManager:
         log.warning("device %s: update %s (%s v%d) %s: %s (%s)", self.cfg.device_id,
                     rec.update_id, rec.model_name, rec.version, state.value, e, e.reason)
         self.fetch.drop(rec)
+        self.shadows.drop(ms.key)
         if state == UpdateState.ROLLED_BACK and rec.state not in (UpdateState.ACTIVATING,):
             state = UpdateState.FAILED  # never activated: nothing to roll back
         self._transition(ms, state, reason=f"{e.reason}: {e}", action=e.action.value)

@@ -24,7 +24,8 @@ ACTION_PROTO = {Action.RETRY.value: common_pb2.ERROR_ACTION_RETRY,
 
 
 def status_of(rec: UpdateRecord, *, device_id: str, at_ms: int) -> update_pb2.UpdateStatus:
-    """The ``UpdateStatus`` saying where update ``rec`` stands (with its probe report)."""
+    """The ``UpdateStatus`` saying where update ``rec`` stands (with its probe and shadow
+    reports)."""
     st = update_pb2.UpdateStatus(
         device_id=device_id, update_id=rec.update_id, model_name=rec.model_name,
         version=rec.version, state=rec.state.proto, reason=rec.reason,
@@ -34,11 +35,14 @@ def status_of(rec: UpdateRecord, *, device_id: str, at_ms: int) -> update_pb2.Up
     probe = rec.probe
     if probe is not None:
         st.probe.CopyFrom(probe)
+    shadow = rec.shadow
+    if shadow is not None:
+        st.shadow.CopyFrom(shadow)
     return st
 
 
 def progress_of(rec: UpdateRecord) -> device_pb2.UpdateProgress:
-    """The heartbeat ``UpdateProgress`` of update ``rec``."""
+    """The heartbeat ``UpdateProgress`` of update ``rec`` (with its probe and shadow reports)."""
     p = device_pb2.UpdateProgress(
         update_id=rec.update_id, model_name=rec.model_name, version=rec.version,
         state=rec.state.proto, reason=rec.reason, bytes_received=rec.bytes_received,
@@ -47,6 +51,9 @@ def progress_of(rec: UpdateRecord) -> device_pb2.UpdateProgress:
     probe = rec.probe
     if probe is not None:
         p.probe.CopyFrom(probe)
+    shadow = rec.shadow
+    if shadow is not None:
+        p.shadow.CopyFrom(shadow)
     return p
 
 

@@ -107,6 +107,7 @@ class UpdateRecord:
     stalls: int = 0
     updated_at_ms: int = 0
     probe_b64: str = ""              # serialized ProbeReport after the on-device probe ran
+    shadow_b64: str = ""             # serialized ShadowReport once the shadow check decided
 
     @property
     def envelope(self) -> bytes:
@@ -125,6 +126,16 @@ class UpdateRecord:
         try:
             return update_pb2.ProbeReport.FromString(base64.b64decode(self.probe_b64))
         except Exception:  # damaged record: report no probe rather than fail a heartbeat
+            return None
+
+    @property
+    def shadow(self) -> update_pb2.ShadowReport | None:
+        """The shadow check's report (None before it decided, or without a shadow check)."""
+        if not self.shadow_b64:
+            return None
+        try:
+            return update_pb2.ShadowReport.FromString(base64.b64decode(self.shadow_b64))
+        except Exception:  # damaged record: report none rather than fail a heartbeat
             return None
 
     def to_json(self) -> dict[str, Any]:

@@ -135,7 +135,7 @@ class OtaDriver:
             if k == "chunk_sha256":
                 del m.chunk_sha256[:]
                 m.chunk_sha256.extend(v)
-            elif k in ("fingerprint", "probe", "signature"):  # message fields
+            elif k in ("fingerprint", "probe", "shadow", "signature"):  # message fields
                 getattr(m, k).CopyFrom(v)
             else:
                 setattr(m, k, v)
