@@ -234,7 +234,8 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
                                  if superseded else ""),
                               superseded=superseded, unsupported=unsupported)
     deadline = spec.progress_deadline_s
-    hb_ms = int(getattr(ctx.settings, "heartbeat_interval_s", 10) * 1000)
+    # the agents' heartbeat interval, as the stale threshold assumes it (3 intervals)
+    hb_ms = int(ctx.settings.stale_after_s * 1000 / 3)
     params = offering.OfferParams(
         rollout=spec.key, chunk_size=chunk, max_bytes_per_second=spec.max_bytes_per_second,
         ttl_s=min(ctx.settings.offer_ttl_s, max(deadline * 6, 300)),
