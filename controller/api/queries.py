@@ -327,7 +327,7 @@ def _device_rollout_view(r: DeviceRollout) -> dict[str, Any]:
         "codec": r.codec, "payload_size": r.payload_size, "bytes_sent": r.bytes_sent,
         "bytes_received": r.bytes_received, "base_sha256": r.base_sha256,
         "target_sha256": r.target_sha256, "offered_ms": r.offered_ms, "updated_ms": r.updated_ms,
-        "variant": r.variant,
+        "variant": r.variant, "revision": r.revision, "engine_version": r.engine_version,
     }
 
 

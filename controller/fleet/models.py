@@ -229,6 +229,8 @@ class DeviceTarget(SQLModel, table=True):
     prev_version: int = Field(default=0, sa_type=BigInteger)
     prev_revision: int = Field(default=0, sa_type=BigInteger)
     prev_engine_version: int = Field(default=0, sa_type=BigInteger)
+    # since when the device served that previous engine (the latency baseline's start)
+    prev_since_ms: int = Field(default=0, sa_type=BigInteger)
     set_ms: int = Field(default=0, sa_type=BigInteger)
     progress_ms: int = Field(default=0, sa_type=BigInteger)     # last progress seen (deadline)
     reached_ms: int | None = Field(default=None, sa_type=BigInteger)  # observed == desired since

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from controller.reconcile.spec import HealthGate
 
-BASELINE_WINDOW_MS = 10 * 60 * 1000   # previous version's windows used as the baseline
+BASELINE_WINDOW_MS = 10 * 60 * 1000   # previous version's windows used as the baseline (at most)
 
 
 class View(Protocol):
@@ -34,6 +34,7 @@ class View(Protocol):
     online: bool
     probe: dict[str, Any]
     prev_version: int
+    prev_since_ms: int
     restarted: bool
 
 
@@ -147,9 +148,11 @@ def _serving(updated: Sequence[View], gate: HealthGate, *, model: str, version: 
             prev_versions = sorted({v.prev_version for v in updated if v.prev_version})
             base_p99 = None
             if prev_versions:
+                # the previous engine's windows on these devices, since they served it
                 first_set = min(v.set_ms for v in updated)
-                base = stats(model, prev_versions[-1], ids, first_set - BASELINE_WINDOW_MS,
-                             first_set)
+                start = max([first_set - BASELINE_WINDOW_MS,
+                             *(v.prev_since_ms for v in updated)])
+                base = stats(model, prev_versions[-1], ids, start, first_set)
                 base_p99 = base.p99_ms
             sig["p99Ms"] = round(float(cur.p99_ms), 3)
             sig["maxLatencyRatio"] = gate.max_latency_ratio

@@ -451,7 +451,11 @@ def _want(s: Any, t: DeviceTarget | None, dev: Device, rel: Release, spec: Rollo
     version, revision = _new_pair(t if t.id is not None else None, dev, rel.model, "",
                                   rel.version)
     if not keep_prev:
-        t.prev_sha256, t.prev_version = srv.sha256, srv.engine_version or srv.version
+        t.prev_since_ms = (t.reached_ms or 0) if (
+            t.id is not None and t.target_sha256 == srv.sha256) else 0
+        # prev_version is the version label the device reports (its metrics windows are
+        # keyed by it: the latency gate's baseline); prev_engine_version the engine's own
+        t.prev_sha256, t.prev_version = srv.sha256, srv.version
         t.prev_revision, t.prev_engine_version = srv.revision, srv.engine_version or srv.version
     t.version, t.revision, t.engine_version = version, revision, ev
     t.target_sha256, t.rollout, t.reason = sha, spec.key, rel.reason

@@ -111,6 +111,7 @@ class DeviceView:
     restarted: bool = False
     probe: dict[str, Any] = field(default_factory=dict)
     prev_version: int = 0
+    prev_since_ms: int = 0
 
     def to_status(self, wave_name: str) -> dict[str, Any]:
         a, t = self.attempt, self.target
@@ -143,6 +144,7 @@ def view(*, device_id: str, wave: int, device: Device | None, target: DeviceTarg
         v.reason = "waiting for its wave"
         return v
     v.set_ms, v.reached_ms, v.prev_version = target.set_ms, target.reached_ms, target.prev_version
+    v.prev_since_ms = target.prev_since_ms
     if attempt is not None and attempt.probe:
         v.probe = dict(attempt.probe)
     if reached(target, v.served):

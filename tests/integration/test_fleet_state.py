@@ -290,6 +290,23 @@ async def test_slow_canary_fails_the_gate_and_returns_to_v1(tmp_path: Path, mosq
         assert events(core, "RolledBack")
         # later waves never offered v2
         assert all(o.version == 1 for d in ("b-dev", "c-dev") for o in devs[d].offers)
+        # the backed-out canary reports its v1 engine as version 2: its windows are the
+        # baseline of the next version's latency gate (a slow v3 must not pass for want of it)
+        canary.metrics("m", 2, requests=0)
+        await wait_until(lambda: core.reconcile_count > 0, what="a pass")
+        canary.metrics("m", 2, requests=100, latency_ms=4.0)
+        await ready_model(core, tmp_path, version=3, marker=3.5)
+        await wait_until(lambda: canary.served[0].version == 3, timeout_s=60,
+                         what="canary on v3")
+        canary.metrics("m", 3, requests=0)
+        await wait_until(lambda: rollout_status(core).get("version") == 3
+                         and "observing" in rollout_status(core).get("message", ""),
+                         timeout_s=30, what="v3 canary observed")
+        canary.metrics("m", 3, requests=50, latency_ms=45.0)
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Paused"
+                              and x.get("version") == 3 and x, timeout_s=30,
+                              what="v3 gate failed")
+        assert st["waves"][0]["gate"]["signals"]["baselineP99Ms"] < 10
         for d in devs.values():
             d.close()
 
