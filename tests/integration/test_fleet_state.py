@@ -391,3 +391,41 @@ async def test_undo_and_abort_roll_forward_from_the_other_slot(tmp_path: Path,
         assert events(core, "RolledBack")
         for d in devs.values():
             d.close()
+
+
+async def test_unhealthy_canary_fails_the_gate(tmp_path: Path, mosquitto) -> None:
+    waves = [{"name": "canary", "count": 1,
+              "healthGate": {"maxUnhealthyPercent": 0, "soakSeconds": 3600}},
+             {"name": "rest", "percent": 100}]
+    async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
+        await ready_model(core, tmp_path)
+        devs = await registered_devices(core, mosquitto.port, ["a1", "b2"])
+        core.apply([edge_rollout("r", "m", waves)])
+        await wait_until(lambda: "observing" in rollout_status(core).get("message", ""),
+                         timeout_s=60, what="canary observed")
+        devs["a1"].health = "degraded"            # e.g. the agent reports a failing engine
+        devs["a1"].heartbeat()
+        st = await wait_until(lambda: (x := rollout_status(core)).get("phase") == "Paused"
+                              and x, timeout_s=30, what="gate failed on device health")
+        assert "degraded" in st["message"] and "a1" in st["message"]
+        assert devs["b2"].offer_messages == 0
+        for d in devs.values():
+            d.close()
+
+
+async def test_controller_refuses_a_lower_version_it_did_not_apply(tmp_path: Path,
+                                                                   mosquitto) -> None:
+    """Cluster mode: kubectl may write a lower version (no transition rule enforced by an
+    older API server); the model reconcile refuses it with a condition naming both."""
+    from controller.reconcile.models import reconcile_model
+
+    async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
+        await ready_model(core, tmp_path, version=3)
+        res = core.get("EdgeModel", "default", "m")
+        res["spec"]["version"] = 2
+        res["metadata"]["generation"] += 1
+        st = await reconcile_model(res, core.model_context())
+        ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "False" and ready["reason"] == "VersionNotIncreasing"
+        assert "2" in ready["message"] and "3" in ready["message"]
+        assert st["engines"] == []
