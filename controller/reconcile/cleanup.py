@@ -37,6 +37,7 @@ from sqlmodel import col, select
 
 from controller.fleet.db import session_scope
 from controller.fleet.models import (
+    Device,
     DeviceDesired,
     DeviceOffer,
     DeviceRollout,
@@ -50,6 +51,7 @@ from controller.ota.keys import KeyStore
 from controller.ota.publisher import Publisher
 from controller.reconcile.common import meta
 from controller.reconcile.desired import sync_devices
+from controller.reconcile.targets import reached, served
 from protos.errors import RetryLater
 
 KEEP_STATES = {DeviceRolloutState.COMMITTED, DeviceRolloutState.FAILED,
@@ -104,8 +106,11 @@ async def finalize_rollout(resource: dict[str, Any], ctx: CleanupContext) -> dic
                          and not r.variant})
         # the devices' desired state no longer names what this rollout asked for; what
         # they serve stays (deleting a rollout never uninstalls a model from a board)
+        devs = {d.device_id: d for d in s.exec(select(Device).where(
+            col(Device.device_id).in_([t.device_id for t in targets]))).all()} if targets else {}
         for t in targets:
-            if t.reached_ms:
+            if t.reached_ms or reached(t, served(devs.get(t.device_id), t.model_name,
+                                                 t.variant)):
                 t.rollout = ""           # reached: still what the device should serve
                 s.add(t)
             else:
