@@ -69,8 +69,9 @@ def attempt_of(s: Any, t: DeviceTarget) -> DeviceRollout | None:
 
 
 async def offer(ctx: Any, t: DeviceTarget, dev: Device, p: OfferParams, *,
-                wave: int) -> DeviceRollout:
-    """Plan, sign, record and publish the offer for target ``t``; returns its row."""
+                wave: int) -> DeviceRollout | None:
+    """Plan, sign, record and publish the offer for target ``t``; returns its row (None
+    when the target changed or changed owner while the payload was planned)."""
     target = t.target_sha256
     with session_scope(ctx.db) as s:
         erow = s.exec(select(Engine).where(Engine.engine_sha256 == target)).first()
@@ -98,6 +99,16 @@ async def offer(ctx: Any, t: DeviceTarget, dev: Device, p: OfferParams, *,
     env = ctx.keys.sign(manifest)
     now = ctx.now_ms()
     with session_scope(ctx.db) as s:
+        # no await from here to the publish: a pass of another rollout (which may have taken
+        # this device over while the payload was planned) cannot interleave
+        fresh_t = s.get(DeviceTarget, t.id)
+        if fresh_t is None or (fresh_t.rollout, fresh_t.target_sha256, fresh_t.version,
+                               fresh_t.revision) != (p.rollout, t.target_sha256, t.version,
+                                                     t.revision):
+            log.info("offer of %s v%d to %s dropped: its target changed meanwhile "
+                     "(now owned by %s)", t.model_name, t.version, dev.device_id,
+                     fresh_t.rollout if fresh_t is not None else "nobody")
+            return None
         row = s.exec(select(DeviceRollout).where(DeviceRollout.update_id == update_id,
                                                  DeviceRollout.device_id == dev.device_id)
                      ).first()

@@ -186,6 +186,18 @@ def _release(spec: RolloutSpec, model: dict[str, Any], ctx: RolloutContext
                    spec.retry)
 
 
+def _newer_rollouts(spec: RolloutSpec, ctx: RolloutContext) -> set[str]:
+    """Keys of the live rollouts of the same model that are newer than this one."""
+    mine = owner_order(spec)
+    out = set()
+    for other in ctx.list_rollouts():
+        o = RolloutSpec.from_resource(other)
+        if (o.namespace, o.model) == (spec.namespace, spec.model) and o.key != spec.key \
+                and owner_order(o) > mine:
+            out.add(o.key)
+    return out
+
+
 def _superseded(spec: RolloutSpec, devices: dict[str, Device], classes: list[str],
                 ctx: RolloutContext) -> dict[str, str]:
     """Device id -> the newer rollout of the same model that owns it."""
@@ -397,6 +409,7 @@ async def _targets_for(ctx: RolloutContext, spec: RolloutSpec, rel: Release,
                        now: int, *, offer: bool) -> None:
     """Set the release's target on each device of an open wave and offer what is missing."""
     todo: list[tuple[DeviceTarget, Device]] = []
+    newer = _newer_rollouts(spec, ctx)       # listed now: one may have appeared this pass
     with session_scope(ctx.db) as s:
         for dev in devs:
             eng = rel.engines.get(dev.device_class)
@@ -405,6 +418,8 @@ async def _targets_for(ctx: RolloutContext, spec: RolloutSpec, rel: Release,
             t = s.exec(select(DeviceTarget).where(DeviceTarget.device_id == dev.device_id,
                                                   DeviceTarget.model_name == rel.model,
                                                   DeviceTarget.variant == "")).first()
+            if t is not None and t.rollout in newer:
+                continue                       # a newer rollout owns it now
             t = _want(s, t, dev, rel, spec, str(eng["sha256"]), now)
             if t is not None:
                 todo.append((t, dev))

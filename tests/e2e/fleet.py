@@ -131,6 +131,17 @@ def start_agents(folder: Path, broker: Broker, *, root_public_key_b64: str, coun
     return out
 
 
+def start_agent(folder: Path, broker: Broker, device_id: str, *, root_public_key_b64: str,
+                **options: Any) -> AgentProcess:
+    """Start one real agent process named ``device_id`` (as :func:`start_agents` does, for
+    boards that are not board-N or that join later)."""
+    a = write_agent_config(folder, device_id, device_class=local_device_class(),
+                           mqtt_host=broker.host, mqtt_port=broker.port,
+                           root_public_key_b64=root_public_key_b64, **options)
+    a.start()
+    return a
+
+
 async def wait_online(url: str, agents: list[AgentProcess], *, timeout_s: float = 60,
                       on_timeout: Callable[[], str] = lambda: "") -> None:
     """Wait until the API at ``url`` lists every agent online."""

@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -49,6 +50,7 @@ from tests.e2e.fleet import (
     rollout_doc,
     rollout_status,
     serves,
+    start_agent,
     start_agents,
     start_fleet,
     wait_for,
@@ -428,7 +430,8 @@ async def _backed_out(fleet: Fleet) -> dict[str, Any] | None:
 
 
 # ---- 7: the controller dies during the canary soak; its successor finishes -----------------
-SOAK_S = 8   # the canary's soak: the window in which the first controller is killed
+SOAK_S = 20  # the canary's soak: the window in which the first controller is killed (wide
+#             enough that a loaded CI machine still sees it before it ends)
 
 
 async def test_successor_controller_decides_the_gate_and_offers_nobody_twice(
@@ -500,3 +503,258 @@ def _gates(data: Path) -> list[tuple[int, str]]:
     with contextlib.closing(sqlite3.connect(data / "edgefleet.db")) as db:
         return [(int(w), str(v)) for w, v in
                 db.execute("SELECT wave, verdict FROM wavegate ORDER BY wave").fetchall()]
+
+
+async def _events(url: str, reason: str) -> list[dict[str, Any]]:
+    """``/api/v1/events`` rows with this reason (newest first)."""
+    items = (await get_json(url, "/api/v1/events?limit=1000"))["items"]
+    return [e for e in items if e["reason"] == reason]
+
+
+def _brief(seen: dict[str, Any]) -> str:
+    """Rollout statuses (phase, message, each device's state and reason) for a failure."""
+    out = []
+    for key, st in seen.items():
+        if isinstance(st, dict) and "devices" in st:
+            rows = {d: (r.get("state"), r.get("reason")) for d, r in st["devices"].items()}
+            out.append(f"{key}: {st.get('phase')} {st.get('message')!r} failed="
+                       f"{st.get('failed')} {rows}")
+        else:
+            out.append(f"{key}: {st!r}")
+    return "\n".join(out)
+
+
+async def _join(fleet: Fleet, broker: Broker, folder: Path, device_id: str) -> AgentProcess:
+    """Start a real agent ``device_id`` trusting the fleet's root key; wait until it is online."""
+    a = start_agent(folder, broker, device_id,
+                    root_public_key_b64=fleet.ctrl.keys.root_public_b64())
+    fleet.agents.append(a)
+    await wait_online(fleet.url, [a], on_timeout=fleet.logs)
+    return a
+
+
+# ---- 8: an older and a newer rollout of one model over the same boards ---------------------
+async def _supersede_scenario(fleet: Fleet, counter: OfferCounter, mosquitto: Broker,
+                              m_file: Path) -> None:
+    """Both rollouts complete; `old` calls the two shared boards superseded (never failed);
+    every board was offered once and answers the model's marker (4.0)."""
+    seen: dict[str, Any] = {}
+
+    async def both_settled() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        old, new = await fleet.rollout("old"), await fleet.rollout("new")
+        seen.update(old=old, new=new, offers=counter.per_device())
+        done = all(st.get("phase") in ("Complete", "Paused", "Failed") for st in (old, new))
+        return (old, new) if done else None
+
+    old, new = await wait_for(both_settled, timeout_s=60, what="old and new complete",
+                              on_timeout=lambda: f"{_brief(seen)}\n{fleet.logs()}")
+    assert [(st["phase"], st["version"]) for st in (old, new)] == [("Complete", 1)] * 2, \
+        _brief(seen)
+    assert (new["targeted"], new["updated"], new["failed"]) == (2, 2, 0), new
+    assert {d: r["state"] for d, r in new["devices"].items()} == {
+        "board-2": "updated", "board-3": "updated"}, new["devices"]
+    assert (old["targeted"], old["updated"], old["failed"], old["superseded"]) == (
+        1, 1, 0, 2), old
+    assert {d: r["state"] for d, r in old["devices"].items()} == {
+        "board-1": "updated", "board-2": "superseded", "board-3": "superseded"}, old["devices"]
+    sha = await engine_sha(fleet.url, "m")
+    await wait_for(lambda: all_serve(fleet, "m", sha, 1), timeout_s=30,
+                   what="heartbeats: m everywhere")
+    assert [await answer(a, "m") for a in fleet.agents] == [4.0] * 3
+
+    # a few more reconcile passes: still nobody failed, nobody offered twice
+    await more_heartbeats(fleet.url, [a.device_id for a in fleet.agents])
+    old, new = await fleet.rollout("old"), await fleet.rollout("new")
+    assert (old["phase"], old["failed"], old["superseded"]) == ("Complete", 0, 2), old
+    assert (new["phase"], new["failed"], new["updated"]) == ("Complete", 0, 2), new
+    assert await _events(fleet.url, "Superseded")
+    assert await _events(fleet.url, "UpdateFailed") == []
+    assert counter.per_device() == {a.device_id: 1 for a in fleet.agents}, [
+        (d, m.update_id, m.rollout) for d, m in counter.seen]
+    assert await asyncio.to_thread(retained_offers, mosquitto) == {}
+    devs = await devices_at(fleet.url)
+    assert [devs[a.device_id]["update_state"] for a in fleet.agents] == [""] * 3, devs
+
+
+async def test_newer_rollout_supersedes_the_older_on_shared_boards_each_offered_once(
+        mosquitto: Broker, tmp_path: Path) -> None:
+    m_file = affine(tmp_path, 4.0)
+    counter = OfferCounter(mosquitto)
+    fleet = await start_fleet(tmp_path, mosquitto, agents=3)
+    try:
+        # `old` selects every board; `new`, applied right after it, two of them; the model
+        # comes right after both (so no pass of `old` can start before `new` exists: see
+        # test_newer_rollout_applied_during_a_pass_of_the_older_one_offers_once)
+        await fleet.apply(device_class_doc(), rollout_doc("old", model="m"))
+        await fleet.apply(rollout_doc("new", model="m",
+                                      selector={"devices": ["board-2", "board-3"]}))
+        await fleet.apply(model_doc("m", version=1, path=m_file))
+        await _supersede_scenario(fleet, counter, mosquitto, m_file)
+    finally:
+        counter.close()
+        await fleet.stop()
+
+
+async def test_newer_rollout_applied_during_a_pass_of_the_older_one_offers_once(
+        mosquitto: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, with the model Ready first and `new` applied while a pass of `old` is
+    offering (its offer to board-1 is held until `new` has offered board-2 and board-3:
+    the window a loaded machine opens by itself, made certain)."""
+    from controller.reconcile import offering
+
+    m_file = affine(tmp_path, 4.0)
+    counter = OfferCounter(mosquitto)
+    real_offer = offering.offer
+
+    def new_offered() -> bool:
+        return all(any(m.rollout == "default/new" for m in counter.manifests(d))
+                   for d in ("board-2", "board-3"))
+
+    holding = asyncio.Event()
+
+    async def held_offer(ctx: Any, t: Any, dev: Any, p: Any, *, wave: int) -> Any:
+        if p.rollout == "default/old" and dev.device_id == "board-1" and not holding.is_set():
+            holding.set()
+            with contextlib.suppress(AssertionError):
+                await wait_for(lambda: asyncio.sleep(0, new_offered()), timeout_s=30,
+                               what="new's offers")
+        return await real_offer(ctx, t, dev, p, wave=wave)
+
+    monkeypatch.setattr(offering, "offer", held_offer)
+    fleet = await start_fleet(tmp_path, mosquitto, agents=3)
+    try:
+        await fleet.apply(device_class_doc(), model_doc("m", version=1, path=m_file))
+
+        async def ready() -> bool:
+            return bool((await get_json(fleet.url, "/api/v1/models/default/m"))
+                        ["status"].get("engines"))
+
+        await wait_for(ready, timeout_s=60, what="m ready", on_timeout=fleet.logs)
+        await fleet.apply(rollout_doc("old", model="m"))
+        await wait_for(lambda: asyncio.sleep(0, holding.is_set()), timeout_s=30,
+                       what="a pass of old offering")
+        await fleet.apply(rollout_doc("new", model="m",
+                                      selector={"devices": ["board-2", "board-3"]}))
+        await _supersede_scenario(fleet, counter, mosquitto, m_file)
+    finally:
+        counter.close()
+        await fleet.stop()
+
+
+# ---- 9: an offline straggler is stalled, the rollout completes, it catches up later --------
+STRAGGLER_WAVES = [{"name": "canary", "count": 1},
+                   {"name": "rest", "percent": 100, "healthGate": {"minSuccessPercent": 60}}]
+
+
+async def test_offline_straggler_is_stalled_rollout_completes_it_catches_up_on_return(
+        mosquitto: Broker, tmp_path: Path) -> None:
+    m_file = affine(tmp_path, 6.0)
+    fleet = await start_fleet(tmp_path, mosquitto, agents=4)
+    try:
+        away = fleet.agent("board-4")            # not the canary (board-1: first by id)
+        away.stop()
+        await wait_for(lambda: _offline(fleet.url, "board-4"), timeout_s=30,
+                       what="board-4 offline", on_timeout=fleet.logs)
+        await fleet.apply(device_class_doc(), model_doc("m", version=1, path=m_file),
+                          rollout_doc("m", model="m", waves=STRAGGLER_WAVES,
+                                      progressDeadlineSeconds=10))
+
+        async def phase_complete() -> dict[str, Any] | None:
+            st = await fleet.rollout("m")
+            return st if st.get("phase") == "Complete" else None
+
+        st = await wait_for(phase_complete, timeout_s=90, what="complete with a straggler",
+                            on_timeout=fleet.logs)
+        row = st["devices"]["board-4"]
+        assert (row["state"], row["wave"], row["online"]) == ("stalled", "rest", False), row
+        assert "offline" in row["reason"], row
+        assert (st["targeted"], st["updated"], st["stalled"], st["failed"]) == (4, 3, 1, 0), st
+        assert any("board-4" in e["message"] for e in await _events(fleet.url, "Stalled"))
+        assert any(e["name"] == "board-4" for e in await _events(fleet.url, "DeviceOffline"))
+        dev = (await devices_at(fleet.url))["board-4"]
+        assert (dev["online"], dev["health"]) == (False, "stale"), dev
+        assert serves(await fleet.device("board-4"), "m") is None
+        assert [await answer(a, "m") for a in fleet.agents[:3]] == [6.0] * 3
+
+        # back: the offer is still there for it; it installs and the rollout converges
+        away.start()
+        st = await wait_for(lambda: complete(fleet.url, "m", 1, 4), timeout_s=90,
+                            what="the straggler updated", on_timeout=fleet.logs)
+        assert (st["stalled"], st["failed"]) == (0, 0), st
+        assert st["devices"]["board-4"]["state"] == "updated", st["devices"]
+        sha = await engine_sha(fleet.url, "m")
+        await wait_for(lambda: all_serve(fleet, "m", sha, 1), timeout_s=30,
+                       what="heartbeats: m on all 4")
+        assert await answer(away, "m") == 6.0
+
+        async def fresh() -> dict[str, Any] | None:
+            d = (await devices_at(fleet.url))["board-4"]
+            return d if d["online"] and d["health"] != "stale" else None
+
+        await wait_for(fresh, timeout_s=30, what="board-4 no longer stale")
+    finally:
+        await fleet.stop()
+
+
+# ---- 10: a late board during a failed canary gate waits; a board after Complete gets it ----
+async def test_late_board_waits_in_the_last_wave_then_boards_after_complete_get_it_at_once(
+        mosquitto: Broker, tmp_path: Path) -> None:
+    broken, good = build_nan(tmp_path / "nan.onnx", n_in=N_IN), affine(tmp_path, 2.0)
+    agents = tmp_path / "agents"
+    counter = OfferCounter(mosquitto)
+    fleet = await start_fleet(tmp_path, mosquitto, agents=0)
+    try:
+        for device_id in ("b1", "c1"):
+            await _join(fleet, mosquitto, agents, device_id)
+        # v1's engine answers NaN: the canary (b1, first by id) refuses it, the gate fails
+        await fleet.apply(device_class_doc(), model_doc("m", version=1, path=broken),
+                          rollout_doc("m", model="m", waves=CANARY_THEN_REST,
+                                      onFailure="pause"))
+
+        async def gate_failed() -> dict[str, Any] | None:
+            st = await fleet.rollout("m")
+            return st if st.get("version") == 1 and st.get("phase") == "Paused" else None
+
+        st = await wait_for(gate_failed, timeout_s=90, what="the canary gate failed",
+                            on_timeout=fleet.logs)
+        canary = st["devices"]["b1"]
+        assert canary["state"] in FAILED and "smoke_check_failed" in canary["reason"], canary
+        assert st["devices"]["c1"]["state"] == "pending", st["devices"]
+
+        # a late board whose id sorts before the canary: it waits in the last wave, unoffered
+        late = await _join(fleet, mosquitto, agents, "a0")
+        await more_heartbeats(fleet.url, ["a0"], n=4)
+        st = await fleet.rollout("m")
+        assert st["phase"] == "Paused", st
+        assert (st["devices"]["a0"]["state"], st["devices"]["a0"]["wave"]) == (
+            "pending", "rest"), st["devices"]
+        assert st["devices"]["c1"]["state"] == "pending", st["devices"]
+        offers = counter.per_device()
+        assert (offers.get("a0", 0), offers.get("c1", 0), offers.get("b1")) == (0, 0, 1), offers
+        assert serves(await fleet.device("a0"), "m") is None
+        with pytest.raises(httpx.HTTPStatusError):
+            await answer(late, "m")
+
+        # a good v2: the canary passes, the rollout completes on all three
+        await fleet.apply(model_doc("m", version=2, path=good))
+        st = await wait_for(lambda: complete(fleet.url, "m", 2, 3), timeout_s=90,
+                            what="v2 on 3/3", on_timeout=fleet.logs)
+        assert st["failed"] == 0, st
+        assert [await answer(a, "m") for a in fleet.agents] == [2.0] * 3
+
+        # a board that appears after Complete gets v2 at once
+        after = await _join(fleet, mosquitto, agents, "a00")
+        st = await wait_for(lambda: complete(fleet.url, "m", 2, 4), timeout_s=60,
+                            what="the board after Complete updated", on_timeout=fleet.logs)
+        assert st["devices"]["a00"]["state"] == "updated", st["devices"]
+        sha = await engine_sha(fleet.url, "m")
+        await wait_for(lambda: all_serve(fleet, "m", sha, 2), timeout_s=30,
+                       what="heartbeats: v2 on all 4")
+        assert await answer(after, "m") == 2.0
+        assert [m.version for m in counter.manifests("a00")] == [2]
+        assert [m.version for m in counter.manifests("a0")] == [2]
+    finally:
+        counter.close()
+        await fleet.stop()
+
+
