@@ -108,6 +108,7 @@ class FakeDevice:
     desired: list[update_pb2.DesiredState] = field(default_factory=list)
     slot_models: list[device_pb2.ServedModel] = field(default_factory=list)  # inactive slots
     health: str = "ok"                   # what heartbeats report (ok | throttled | degraded)
+    faults: list[device_pb2.ModelFault] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.trust = trust.TrustState(root_public=self.root_public)
@@ -126,7 +127,7 @@ class FakeDevice:
         hb = device_pb2.Heartbeat(device_id=self.device_id, device_class=self.device_class,
                                   models=self.served, agent_version="test", health=self.health,
                                   sent_at_ms=int(time.time() * 1000), labels=self.labels,
-                                  slots=[*self.served, *self.slot_models])
+                                  slots=[*self.served, *self.slot_models], faults=self.faults)
         self.client.publish(self.topic(topics.HEARTBEAT), hb.SerializeToString(), qos=1).wait_for_publish(5)
 
     def metrics(self, model: str, version: int, *, requests: int, errors: int = 0,

@@ -429,3 +429,36 @@ async def test_controller_refuses_a_lower_version_it_did_not_apply(tmp_path: Pat
         assert ready["status"] == "False" and ready["reason"] == "VersionNotIncreasing"
         assert "2" in ready["message"] and "3" in ready["message"]
         assert st["engines"] == []
+
+
+async def test_a_device_that_fell_back_from_a_damaged_engine_shows_it(tmp_path: Path,
+                                                                      mosquitto) -> None:
+    """The agent found its committed v2 engine damaged and serves v1 from the other slot: it
+    reports the fault; the controller shows the device rolled back (not updated), why, and
+    the device's desired-vs-observed row and faults in the API."""
+    from controller.api import queries
+
+    async with started_core(tmp_path / "c", mosquitto, **FAST) as core:
+        v1 = await ready_model(core, tmp_path)
+        devs = await registered_devices(core, mosquitto.port, ["d1"])
+        d = devs["d1"]
+        core.apply([edge_rollout("r", "m", ALL)])
+        await wait_until(lambda: complete(core, version=1), timeout_s=60, what="v1")
+        v2 = await ready_model(core, tmp_path, version=2, marker=2.0)
+        await wait_until(lambda: complete(core, version=2), timeout_s=60, what="v2")
+        import time as _t
+        d.faults = [device_pb2.ModelFault(name="m", version=2, sha256=v2, reason="integrity",
+                                          message="engine sha256 differs on disk",
+                                          at_ms=int(_t.time() * 1000))]
+        d.served = [device_pb2.ServedModel(name="m", version=1, sha256=v1, active=True)]
+        d.heartbeat()
+        st = await wait_until(lambda: (x := rollout_status(core))["devices"]["d1"]["state"]
+                              == "rolled_back" and x, timeout_s=30, what="fallback shown")
+        assert "integrity" in st["devices"]["d1"]["reason"] and st["updated"] == 0
+        with Session(core.db) as s:
+            one = queries.get_device(s, "d1")
+        assert one is not None and one["update_state"] == "rolled_back"
+        assert one["faults"][0]["reason"] == "integrity"
+        assert [(r["model"], r["state"], r["serving"]) for r in one["desired"]] == [
+            ("m", "rolled_back", "v1")]
+        d.close()
