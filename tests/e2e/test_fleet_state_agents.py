@@ -14,7 +14,14 @@ engine), next to what the statuses say. Sequences:
 * an on-device accuracy probe on a board worse than the controller's check (the degraded
   fake backend): the canary's gate fails, it serves v1 again, the next wave is not offered;
 * a controller SIGKILLed during a canary soak: its successor decides the gate and finishes
-  without offering any device twice (offers counted on the broker).
+  without offering any device twice (offers counted on the broker);
+* an older rollout over three boards and a newer one over two of them, applied right after
+  each other (also with the newer applied while a pass of the older is offering): the older
+  calls the shared boards superseded, never failed, and every board is offered once;
+* an offline straggler: stalled (offline) while the rollout completes without it; back, it
+  installs and the counters converge;
+* a late board while the canary gate failed waits unoffered in the last wave; a good
+  version completes, and a board that appears after Complete gets it at once.
 """
 
 from __future__ import annotations
@@ -582,13 +589,12 @@ async def test_newer_rollout_supersedes_the_older_on_shared_boards_each_offered_
     counter = OfferCounter(mosquitto)
     fleet = await start_fleet(tmp_path, mosquitto, agents=3)
     try:
-        # `old` selects every board; `new`, applied right after it, two of them; the model
-        # comes right after both (so no pass of `old` can start before `new` exists: see
-        # test_newer_rollout_applied_during_a_pass_of_the_older_one_offers_once)
-        await fleet.apply(device_class_doc(), rollout_doc("old", model="m"))
+        # `old` selects every board; `new`, applied right after it, two of them (a pass of
+        # `old` may already be offering: the next test holds one open on purpose)
+        await fleet.apply(device_class_doc(), model_doc("m", version=1, path=m_file),
+                          rollout_doc("old", model="m"))
         await fleet.apply(rollout_doc("new", model="m",
                                       selector={"devices": ["board-2", "board-3"]}))
-        await fleet.apply(model_doc("m", version=1, path=m_file))
         await _supersede_scenario(fleet, counter, mosquitto, m_file)
     finally:
         counter.close()
