@@ -419,8 +419,7 @@ def test_crash_loop_after_commit_falls_back_to_the_previous_slot(
 # ---- 9. accuracy probe -------------------------------------------------------------------
 def test_probe_report_follows_the_commit(tmp_path: Path, mosquitto: Broker,
                                          driver: OtaDriver) -> None:
-    P = pytest.importorskip("protos.probe")
-    pytest.importorskip("agent.update.probe")
+    from protos import probe as P
     path = build_affine(tmp_path / "v1.onnx", marker=1.0)
     x = np.random.default_rng(1).standard_normal((4, 4)).astype(np.float32)
     (ref,) = onnxruntime.InferenceSession(str(path)).run(None, {"x": x})

@@ -120,7 +120,7 @@ def test_agent_rolls_back_when_new_engine_fails_smoke_check(tmp_path: Path, mosq
 @pytest.mark.parametrize("codec", ["bsdiff4", "tensor-xor", "full"])
 def test_agent_applies_codec_payload_from_protos_codecs(tmp_path: Path, mosquitto: Broker,
                                                         driver: OtaDriver, codec: str) -> None:
-    codecs = pytest.importorskip("protos.codecs")
+    from protos import codecs
     agent = start_agent(tmp_path, mosquitto, driver)
     try:
         v1 = build_affine(tmp_path / "v1.onnx", marker=1.0)

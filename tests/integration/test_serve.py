@@ -81,7 +81,7 @@ def test_infer_json_and_binary_matches_onnxruntime(served, tmp_path: Path, binar
 
 
 def test_digits_model_predictions_through_tritonclient(tmp_path: Path) -> None:
-    digits = pytest.importorskip("controller.models.digits")
+    from controller.models import digits
     model = digits.build_digits_cnn(tmp_path / "digits.onnx", seed=0, variant="v1")
     _, _, x_test, y_test = digits.load_digits_split()
     reg = ModelRegistry()
