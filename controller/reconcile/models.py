@@ -32,7 +32,7 @@ from sqlmodel import select
 from controller.fleet.db import session_scope
 from controller.fleet.models import Engine, ResourcePhase
 from controller.reconcile.common import condition, meta
-from controller.reconcile.versions import version_problem
+from controller.reconcile.versions import record_model_version, version_problem
 from controller.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,6 @@ async def reconcile_model(resource: dict[str, Any], ctx: ModelContext) -> dict[s
                   failures=failures, version=int(spec.get("version") or 0),
                   variants=variants)
     if engines:
-        from controller.reconcile.rollouts import record_model_version
-
         record_model_version(ctx.db, {**resource, "status": status}, now)
     return status
 

@@ -142,10 +142,7 @@ async def offer(ctx: Any, t: DeviceTarget, dev: Device, p: OfferParams, *,
         if fresh_row.state == DeviceRolloutState.PENDING:   # the device may have moved on
             fresh_row.state = DeviceRolloutState.OFFERED
         fresh_row.offered_ms = ctx.now_ms()
-        s.add(fresh_row)
-        s.flush()
-        s.refresh(fresh_row)
-        s.expunge(fresh_row)
+        s.add(fresh_row)          # the session does not expire it on commit
     log.info("offered %s v%d%s to %s: %s %d bytes (update %s, %s)", key, t.version,
              f"r{t.revision}" if t.revision else "", dev.device_id, payload.codec,
              payload.size, update_id, t.reason)

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import func
 from sqlalchemy.engine import Engine as DbEngine
+from sqlmodel import select
 
-from controller.fleet.models import ResourcePhase, WaveGate
+from controller.fleet.db import session_scope
+from controller.fleet.models import DeviceRollout, ResourcePhase, WaveGate
 from controller.reconcile.common import condition
 from controller.reconcile.gates import GateResult
 from controller.reconcile.spec import RolloutSpec
@@ -169,12 +172,6 @@ def build_status(spec: RolloutSpec, prev: dict[str, Any], now: int, *, rel: Any,
 
 def _bytes(db: DbEngine, rollout: str) -> int:
     """Every byte this rollout sent (all its offers, every release)."""
-    from sqlalchemy import func
-    from sqlmodel import select
-
-    from controller.fleet.db import session_scope
-    from controller.fleet.models import DeviceRollout
-
     with session_scope(db) as s:
         total = s.exec(select(func.sum(DeviceRollout.bytes_sent)).where(
             DeviceRollout.rollout == rollout)).one()

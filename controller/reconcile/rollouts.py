@@ -127,27 +127,6 @@ def wave_bounds(spec: RolloutSpec, n: int) -> list[int]:
     return bounds
 
 
-def record_model_version(db: DbEngine, model: dict[str, Any], now_ms: int) -> None:
-    """Remember the engines of a Ready EdgeModel version (undo ships them again later)."""
-    md, spec, st = model.get("metadata") or {}, model.get("spec") or {}, model.get("status") or {}
-    ns, name, version = str(md.get("namespace") or "default"), str(md.get("name")), int(
-        spec.get("version") or 0)
-    engines = {e["deviceClass"]: e for e in st.get("engines") or [] if e.get("sha256")}
-    if not engines or not version:
-        return
-    with session_scope(db) as s:
-        row = s.exec(select(ModelVersion).where(ModelVersion.namespace == ns,
-                                                ModelVersion.name == name,
-                                                ModelVersion.version == version)).first()
-        src = str((spec.get("source") or {}).get("sha256") or "")
-        if row is not None and row.engines == engines and row.source_sha256 == src:
-            return
-        row = row or ModelVersion(namespace=ns, name=name, version=version, created_ms=now_ms)
-        row.source_sha256, row.engines = src, engines
-        row.variants = list(st.get("variants") or [])
-        s.add(row)
-
-
 def _release(spec: RolloutSpec, model: dict[str, Any], ctx: RolloutContext
              ) -> Release | str:
     """The release to ship, or why there is none yet."""
@@ -164,7 +143,6 @@ def _release(spec: RolloutSpec, model: dict[str, Any], ctx: RolloutContext
         return f"ModelVersionRefused:{refused.get('message')}"
     if mstatus.get("observedGeneration") != mgen or not engines:
         return f"WaitingForEngines:EdgeModel {spec.model} has no compiled engines yet"
-    record_model_version(ctx.db, model, ctx.now_ms())
     variants: dict[str, dict[str, dict[str, Any]]] = {}
     for v in mstatus.get("variants") or []:
         ve = {e["deviceClass"]: e for e in v.get("engines") or [] if e.get("sha256")}

@@ -6,6 +6,8 @@
   (ModelVersion history), or the same version with a different source, is refused with a
   message naming both versions. Rolling back is rolling forward: ``edgefleet rollout
   undo`` ships an older engine as a new revision.
+* ``record_model_version`` (called by the model reconcile when a version is Ready) keeps
+  each version's source and engines in ModelVersion: the history this check and undo use.
 * ``ProbeCache.probe_for`` builds (once per model source, samples and metric) the signed
   on-device accuracy probe that offers carry (controller.ota.probe.build_probe), from the
   EdgeModel's validation samples or its declared ``spec.inputShapes``.
@@ -17,8 +19,10 @@ import logging
 import threading
 from typing import Any
 
+from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import func, select
 
+from controller.fleet.db import session_scope
 from controller.fleet.models import ModelVersion
 from controller.store import ArtifactStore
 from protos.errors import Rejected
@@ -67,6 +71,27 @@ def check_version_goes_up(s: Any, ns: str, name: str, spec: dict[str, Any],
     why = version_problem(s, ns, name, spec, old_spec)
     if why:
         raise Rejected(f"EdgeModel {ns}/{name}: {why}", reason="version_not_increasing")
+
+
+def record_model_version(db: DbEngine, model: dict[str, Any], now_ms: int) -> None:
+    """Remember the engines of a Ready EdgeModel version (undo ships them again later)."""
+    md, spec, st = model.get("metadata") or {}, model.get("spec") or {}, model.get("status") or {}
+    ns, name, version = str(md.get("namespace") or "default"), str(md.get("name")), int(
+        spec.get("version") or 0)
+    engines = {e["deviceClass"]: e for e in st.get("engines") or [] if e.get("sha256")}
+    if not engines or not version:
+        return
+    with session_scope(db) as s:
+        row = s.exec(select(ModelVersion).where(ModelVersion.namespace == ns,
+                                                ModelVersion.name == name,
+                                                ModelVersion.version == version)).first()
+        src = str((spec.get("source") or {}).get("sha256") or "")
+        if row is not None and row.engines == engines and row.source_sha256 == src:
+            return
+        row = row or ModelVersion(namespace=ns, name=name, version=version, created_ms=now_ms)
+        row.source_sha256, row.engines = src, engines
+        row.variants = list(st.get("variants") or [])
+        s.add(row)
 
 
 class ProbeCache:
