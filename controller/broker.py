@@ -118,6 +118,10 @@ def mosquitto_conf(*, host: str, port: int, data_dir: Path,
                    max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES) -> str:
     """Mosquitto 2.x config text for the embedded broker (MQTT 5 is on by default)."""
     return (
+        # started as root, Mosquitto switches to user "mosquitto", which cannot write the
+        # persistence file in our data folder: retained offers, presence and the key list
+        # would not survive a broker restart ("Error: Permission denied" at shutdown)
+        f"user {getpass.getuser()}\n"
         f"listener {port} {host}\n"
         "allow_anonymous true\n"
         + _storage_and_limits(data_dir=data_dir, max_packet_bytes=max_packet_bytes)

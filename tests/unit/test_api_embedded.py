@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,50 @@ async def test_embedded_up_and_clean_stop(tmp_path: Path) -> None:
         await ctrl.stop()
     assert proc is not None and proc.poll() is not None
     assert _port_closed(api_port)
+
+
+def _retained(host: str, port: int, topic: str) -> bytes | None:
+    """The retained message on ``topic`` (None when there is none within 2 s)."""
+    got: list[bytes] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="probe-retained",
+                    protocol=mqtt.MQTTv5)
+    c.on_message = lambda _c, _u, m: got.append(m.payload)
+    c.connect(host, port)
+    c.loop_start()
+    c.subscribe(topic, qos=1)
+    deadline = time.monotonic() + 2
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    c.loop_stop()
+    c.disconnect()
+    return got[0] if got else None
+
+
+async def test_embedded_mosquitto_keeps_retained_state_across_a_restart(tmp_path: Path) -> None:
+    """Retained offers, presence and the key list survive a broker restart: Mosquitto can
+    write its persistence file in the data folder (also when started as root)."""
+    if not mosquitto_path():
+        pytest.skip("mosquitto is not installed")
+    b = await start_broker(tmp_path)
+    port = b.port
+
+    def publish() -> None:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub", protocol=mqtt.MQTTv5)
+        c.connect(b.host, port)
+        c.loop_start()
+        c.publish("edgefleet/v1/trust/keys", b"key-list", qos=1, retain=True).wait_for_publish(5)
+        c.loop_stop()
+        c.disconnect()
+
+    await asyncio.to_thread(publish)
+    await b.stop()
+    log = (tmp_path / "broker").glob("*.log")
+    text = "".join(p.read_text(errors="replace") for p in log)
+    assert "Permission denied" not in text and "Error saving" not in text, text[-2000:]
+    assert (tmp_path / "broker" / "mosquitto.db").exists()
+    b2 = await start_broker(tmp_path, port=port)
+    try:
+        got = await asyncio.to_thread(_retained, b2.host, b2.port, "edgefleet/v1/trust/keys")
+        assert got == b"key-list"
+    finally:
+        await b2.stop()
