@@ -19,11 +19,13 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.broker import free_port, wait_port
+from tests.helpers.components import missing
 
 BIN_DIRS = [Path(p) for p in sorted(
     (str(x) for x in Path("/usr/lib/postgresql").glob("*/bin")), reverse=True)]
@@ -45,7 +47,8 @@ def _runner() -> tuple[list[str], int | None, int | None]:
     try:
         pw = pwd.getpwnam("postgres")
     except KeyError:
-        pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
+        raise PostgresUnavailable("running as root and there is no 'postgres' user to run "
+                                  "PostgreSQL as") from None
     runuser = shutil.which("runuser")
     if runuser:
         return [runuser, "-u", "postgres", "--"], pw.pw_uid, pw.pw_gid
@@ -63,16 +66,22 @@ def _run(prefix: list[str], argv: list[str], **kw: object) -> subprocess.Complet
                           **kw)
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """SQLAlchemy URL of a fresh database on a throwaway PostgreSQL server."""
+class PostgresUnavailable(Exception):
+    """The server binaries or psycopg are missing (the fixture skips; benchmarks say so)."""
+
+
+@contextmanager
+def throwaway_postgres(*, max_connections: int = 50) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh database on a throwaway PostgreSQL server (stopped after);
+    used by the fixture and by benchmarks (bench/fleet_scale.py)."""
     initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
     if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        raise PostgresUnavailable("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
     try:
         import psycopg
     except ImportError:
-        pytest.skip("psycopg is not installed (pip install 'psycopg[binary]')")
+        raise PostgresUnavailable("psycopg is not installed (pip install 'psycopg[binary]')"
+                                  ) from None
     prefix, uid, gid = _runner()
     root = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
     data, sock, logf = root / "data", root / "sock", root / "server.log"
@@ -86,18 +95,17 @@ def postgres_url() -> Iterator[str]:
         r = _run(prefix, [str(initdb), "-D", str(data), "-U", "edgefleet", "-A", "trust",
                           "-E", "UTF8", "--no-sync"])
         if r.returncode != 0:
-            pytest.fail(f"initdb failed: {r.stderr or r.stdout}")
+            raise RuntimeError(f"initdb failed: {r.stderr or r.stdout}")
         opts = (f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
+                "-c synchronous_commit=off -c full_page_writes=off "
+                f"-c max_connections={max_connections}")
         r = _run(prefix, [str(pg_ctl), "-D", str(data), "-l", str(logf), "-o", opts,
                           "-w", "-t", "60", "start"])
         if r.returncode != 0:
             log = logf.read_text(errors="replace") if logf.exists() else ""
-            pytest.fail(f"pg_ctl start failed: {r.stderr or r.stdout}\n{log[-2000:]}")
+            raise RuntimeError(f"pg_ctl start failed: {r.stderr or r.stdout}\n{log[-2000:]}")
         started = True
         wait_port(port, timeout_s=30)
-        import psycopg
-
         with psycopg.connect(host="127.0.0.1", port=port, user="edgefleet", dbname="postgres",
                              autocommit=True) as conn:
             conn.execute("CREATE DATABASE edgefleet")
@@ -106,3 +114,19 @@ def postgres_url() -> Iterator[str]:
         if started:
             _run(prefix, [str(pg_ctl), "-D", str(data), "-m", "immediate", "-w", "stop"])
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """SQLAlchemy URL of a fresh database on a throwaway PostgreSQL server."""
+    try:
+        cm = throwaway_postgres()
+        url = cm.__enter__()
+    except PostgresUnavailable as e:
+        missing(str(e))
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        yield url
+    finally:
+        cm.__exit__(None, None, None)
