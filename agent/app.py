@@ -110,7 +110,8 @@ class Agent:
             health=self._health, serve_url=serve_url, labels=self.cfg.labels,
             slots=self.updates.slot_report, faults=self.updates.faults.faults,
             desired_generation=lambda: self.updates.desired.generation,
-            restarts=self.restarts)
+            restarts=self.restarts,
+            interval_ms=int(self.cfg.heartbeat_interval_s * 1000))
         self.updates.start()
         self.link.start()
         self._thread = threading.Thread(target=self._loop, name="agent-telemetry", daemon=True)

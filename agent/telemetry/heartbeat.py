@@ -92,8 +92,9 @@ class HeartbeatBuilder:
                  slots: Callable[[], list[device_pb2.ServedModel]] = list,
                  faults: Callable[[], list[device_pb2.ModelFault]] = list,
                  desired_generation: Callable[[], int] = lambda: 0,
-                 restarts: int = 0) -> None:
+                 restarts: int = 0, interval_ms: int = 0) -> None:
         self.device_id = device_id
+        self.interval_ms = max(0, min(int(interval_ms), 2**32 - 1))
         self.labels = {str(k): str(v) for k, v in (labels or {}).items()}
         self.device_class = device_class
         self.facts = facts
@@ -116,7 +117,8 @@ class HeartbeatBuilder:
             agent_version=AGENT_VERSION, uptime_s=int(time.monotonic() - self.started),
             sent_at_ms=int(time.time() * 1000), seq=self.seq, health=health,
             health_reason=reason, serve_url=self.serve_url,
-            desired_generation=self._desired_generation(), restarts=self.restarts)
+            desired_generation=self._desired_generation(), restarts=self.restarts,
+            heartbeat_interval_ms=self.interval_ms)
         hb.labels.update(self.labels)
         hb.models.extend(self._served())
         hb.slots.extend(self._slots())

@@ -103,7 +103,7 @@ class UpdateProgress(_message.Message):
     def __init__(self, update_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.UpdateState, str]] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_total: _Optional[int] = ..., revision: _Optional[int] = ..., variant: _Optional[str] = ..., target_sha256: _Optional[str] = ..., probe: _Optional[_Union[_update_pb2.ProbeReport, _Mapping]] = ..., shadow: _Optional[_Union[_update_pb2.ShadowReport, _Mapping]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("device_id", "device_class", "facts", "models", "updates", "agent_version", "uptime_s", "sent_at_ms", "seq", "health", "health_reason", "serve_url", "labels", "slots", "faults", "desired_generation", "restarts")
+    __slots__ = ("device_id", "device_class", "facts", "models", "updates", "agent_version", "uptime_s", "sent_at_ms", "seq", "health", "health_reason", "serve_url", "labels", "slots", "faults", "desired_generation", "restarts", "heartbeat_interval_ms")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class Heartbeat(_message.Message):
     FAULTS_FIELD_NUMBER: _ClassVar[int]
     DESIRED_GENERATION_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     device_class: str
     facts: DeviceFacts
@@ -145,7 +146,8 @@ class Heartbeat(_message.Message):
     faults: _containers.RepeatedCompositeFieldContainer[ModelFault]
     desired_generation: int
     restarts: int
-    def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[str] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., updates: _Optional[_Iterable[_Union[UpdateProgress, _Mapping]]] = ..., agent_version: _Optional[str] = ..., uptime_s: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., seq: _Optional[int] = ..., health: _Optional[str] = ..., health_reason: _Optional[str] = ..., serve_url: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., slots: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., faults: _Optional[_Iterable[_Union[ModelFault, _Mapping]]] = ..., desired_generation: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
+    heartbeat_interval_ms: int
+    def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[str] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., updates: _Optional[_Iterable[_Union[UpdateProgress, _Mapping]]] = ..., agent_version: _Optional[str] = ..., uptime_s: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., seq: _Optional[int] = ..., health: _Optional[str] = ..., health_reason: _Optional[str] = ..., serve_url: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., slots: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., faults: _Optional[_Iterable[_Union[ModelFault, _Mapping]]] = ..., desired_generation: _Optional[int] = ..., restarts: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class Presence(_message.Message):
     __slots__ = ("device_id", "online", "reason", "at_ms")
