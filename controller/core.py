@@ -110,6 +110,9 @@ class ControllerCore:
         # controller.builder.BuildDispatcher, set by whoever starts one (remote TensorRT builds)
         self.build_dispatcher: Any = None
         self.reconcile_count = 0
+        # replicas (controller.fleet.lease.DbLease or anything with ``is_leader``): only the
+        # leader reconciles; None = this process is the only controller
+        self.leader: Any = None
         self._stopping = False
         self._wake: asyncio.TimerHandle | None = None   # earliest requested re-reconcile
 
@@ -126,7 +129,8 @@ class ControllerCore:
             self.executor = ThreadPoolExecutor(max_workers=self.settings.compile_workers,
                                                thread_name_prefix="compile")
         self.publisher.start()
-        self._tasks = [asyncio.create_task(self._mqtt_loop(), name="controller-mqtt")]
+        self._tasks = [asyncio.create_task(self._mqtt_loop(), name="controller-mqtt"),
+                       asyncio.create_task(self.ingest.run(), name="controller-ingest")]
         if reconcile:
             self._tasks.append(asyncio.create_task(self._reconcile_loop(),
                                                    name="controller-reconcile"))
@@ -145,6 +149,8 @@ class ControllerCore:
                 await t
         self._tasks.clear()
         self._running.clear()
+        with contextlib.suppress(Exception):
+            await self.ingest.drain()       # what was received is written, not lost
         await self.publisher.stop()
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -179,7 +185,10 @@ class ControllerCore:
                     s.mqtt_host, s.mqtt_port, identifier=f"{s.mqtt_client_id}-{uuid.uuid4().hex[:8]}",
                     username=s.mqtt_username, **s.aiomqtt_options(),
                     password=s.mqtt_password, keepalive=30,
-                    max_queued_incoming_messages=10000,
+                    # unbounded: the ingest drains it at once into its own batches, where
+                    # heartbeats coalesce and every drop is counted (a bounded aiomqtt queue
+                    # discards messages the broker already considers delivered, silently)
+                    max_queued_incoming_messages=0,
                 ) as client:
                     for sub in self.ingest.subscriptions():
                         await client.subscribe(sub, qos=1)
@@ -192,7 +201,7 @@ class ControllerCore:
                         payload = message.payload
                         if not isinstance(payload, (bytes, bytearray)):
                             payload = str(payload or "").encode()
-                        self.ingest.handle(str(message.topic), bytes(payload),
+                        self.ingest.submit(str(message.topic), bytes(payload),
                                            retained=bool(message.retain))
             except aiomqtt.MqttError as e:
                 log.warning("MQTT connection to %s:%d lost: %s; retrying", s.mqtt_host,
@@ -381,12 +390,22 @@ class ControllerCore:
         self.kick()       # a re-applied one of the same name may go on
 
     async def _reconcile_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = -1e9
         while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), timeout=self.settings.resync_s)
+            # kicks that arrive together (a batch of telemetry, a burst of applies) share one
+            # pass: at most one pass per reconcile_min_interval_s
+            pause = last + self.settings.reconcile_min_interval_s - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            last = loop.time()
             self._kick.clear()
             if self._stopping:
                 return
+            if self.leader is not None and not self.leader.is_leader:
+                continue       # a follower replica: ingest and API only
             try:
                 for res in self._deleted():
                     md = res["metadata"]

@@ -47,7 +47,7 @@ class Settings:
     ota_max_bytes_per_second: int = 8 * 1024 * 1024
     offer_ttl_s: int = 7 * 24 * 3600
     max_chunks_per_request: int = 64
-    chunk_queue_depth: int = 256
+    chunk_queue_depth: int = 256           # at least this many downloads queued (one entry each)
     # untrusted input limits
     max_upload_bytes: int = 512 * 1024 * 1024
     max_artifact_bytes: int = 2 * 1024 * 1024 * 1024
@@ -57,6 +57,21 @@ class Settings:
     # a device is shown "stale" (health and metrics) when offline or silent for longer than
     # this: 3 x the agents' default heartbeat_interval_s (10 s)
     stale_after_s: float = 30.0
+    # ingest (controller/fleet/ingest.py): one database transaction per batch
+    ingest_flush_s: float = 0.2            # the longest a message waits for its batch
+    ingest_max_batch: int = 5000           # a batch is written at once when this many wait
+    # metrics + update statuses held while the database is behind; beyond, the oldest
+    # metrics are dropped and counted (heartbeats/presence coalesce per device: bounded)
+    ingest_max_pending: int = 200_000
+    ingest_writer_thread: bool = False     # write batches on a thread, not between MQTT reads
+    # liveness: a device silent for this many of its heartbeat periods is marked offline
+    # (0 = only last wills mark devices offline); the period is what the agent reports, else
+    # heartbeat_interval_s (the agents' default)
+    offline_after_missed: int = 3
+    heartbeat_interval_s: float = 10.0
+    offline_check_s: float = 5.0
+    # the reconcile loop runs at most once per this many seconds when kicked by telemetry
+    reconcile_min_interval_s: float = 0.25
     # reconcile
     resync_s: float = 10.0
     compile_workers: int = 1
@@ -73,6 +88,8 @@ class Settings:
                 f"chunk_size_bytes must be in 1..{self.MAX_CHUNK_SIZE_BYTES}, "
                 f"got {self.chunk_size_bytes}"
             )
+        if self.ingest_flush_s <= 0 or self.ingest_max_batch <= 0 or self.ingest_max_pending <= 0:
+            raise ValueError("ingest_flush_s, ingest_max_batch and ingest_max_pending must be > 0")
         if self.ota_max_bytes_per_second <= 0:
             raise ValueError("ota_max_bytes_per_second must be positive")
         self.mqtt_protocol = str(self.mqtt_protocol)

@@ -172,6 +172,9 @@ def create_app(core: Any) -> FastAPI:
 
     # before the generic DELETE /api/v1/{kind}/{name}: DELETE /api/v1/tokens/{id} is a token
     install_enroll_routes(app, core)
+    from controller.api.ingest import install_ingest_routes
+
+    install_ingest_routes(app, core)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

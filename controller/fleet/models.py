@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column
+from sqlalchemy import JSON, BigInteger, Column, Index
 from sqlmodel import Field, SQLModel
 
 
@@ -86,6 +86,9 @@ class Device(SQLModel, table=True):
     faults: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
     restarts: int = Field(default=0, sa_type=BigInteger)
     desired_generation: int = Field(default=0, sa_type=BigInteger)
+    # the agent's heartbeat period (Heartbeat.heartbeat_interval_ms; 0 = not reported): the
+    # liveness sweep marks the device offline after settings.offline_after_missed periods
+    heartbeat_interval_ms: int = Field(default=0, sa_type=BigInteger)
 
 
 class Artifact(SQLModel, table=True):
@@ -195,6 +198,9 @@ class MetricSample(SQLModel, table=True):
 
 class Event(SQLModel, table=True):
     """Notable steps and errors, for the dashboard and `edgefleet get events`."""
+
+    # the dedupe lookup (latest event of one object) and per-object listings use it
+    __table_args__ = (Index("ix_event_kind_name_id", "kind", "name", "id"),)
 
     id: int | None = Field(default=None, primary_key=True)
     at_ms: int = Field(index=True, sa_type=BigInteger)

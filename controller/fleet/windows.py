@@ -33,12 +33,13 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, delete
+from sqlalchemy import JSON, BigInteger, Column, Index, bindparam, delete
+from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, select
 
@@ -264,7 +265,7 @@ def _covered_ms(spans: list[tuple[int, int]]) -> int:
     return total
 
 
-def histogram_of(w: MetricWindow) -> Histogram:
+def histogram_of(w: MetricWindow | PlainWindow) -> Histogram:
     if not w.counts or len(w.counts) != len(w.bounds_ms) + 1:
         return Histogram()
     return Histogram(tuple(w.bounds_ms), tuple(w.counts), w.sum_ms)
@@ -297,14 +298,47 @@ def _counters(snap: MetricSnapshot) -> Counters:
     return Counters(snap.requests, snap.errors, h)
 
 
+def load_snapshots(s: Session, device_ids: Iterable[str]
+                   ) -> dict[str, dict[tuple[str, int], MetricSnapshot]]:
+    """The stored snapshots of many devices in a few queries (rows locked on PostgreSQL, so
+    replicas sharing ingest difference one device's messages one at a time)."""
+    out: dict[str, dict[tuple[str, int], MetricSnapshot]] = {}
+    ids = sorted(set(device_ids))
+    for part in _chunks(ids):
+        for r in s.exec(select(MetricSnapshot).where(col(MetricSnapshot.device_id).in_(part))
+                        .with_for_update()).all():
+            out.setdefault(r.device_id, {})[(r.model_name, r.model_version)] = r
+    for d in ids:
+        out.setdefault(d, {})
+    return out
+
+
 def record(s: Session, *, device_id: str, at_ms: int, models: Mapping[tuple[str, int], Counters],
-           buffered: bool = False, max_window_ms: int = MAX_WINDOW_MS
+           buffered: bool = False, max_window_ms: int = MAX_WINDOW_MS,
+           snapshots: dict[tuple[str, int], MetricSnapshot] | None = None,
            ) -> dict[tuple[str, int], MetricWindow | None]:
     """Difference one Metrics message against the stored snapshots, add its MetricWindow rows
-    to ``s`` and update the snapshots. Returns each (model, version)'s window, or None."""
-    rows = s.exec(select(MetricSnapshot).where(MetricSnapshot.device_id == device_id)
-                  .with_for_update()).all()
-    snaps = {(r.model_name, r.model_version): r for r in rows}
+    to ``s`` and update the snapshots. Returns each (model, version)'s window, or None.
+
+    ``snapshots``: this device's rows from :func:`load_snapshots`; new snapshots are added to
+    it, so a second message of the same device differences against the first. (The batched
+    ingest uses :class:`PlainBatch`: the same differencing without ORM objects.)"""
+    if snapshots is None:
+        rows = s.exec(select(MetricSnapshot).where(MetricSnapshot.device_id == device_id)
+                      .with_for_update()).all()
+        snapshots = {(r.model_name, r.model_version): r for r in rows}
+    return _difference_into(snapshots, device_id=device_id, at_ms=at_ms, models=models,
+                            buffered=buffered, max_window_ms=max_window_ms,
+                            new_snap=MetricSnapshot, new_window=MetricWindow, add=s.add)
+
+
+def _difference_into(snaps: dict[tuple[str, int], Any], *, device_id: str, at_ms: int,
+                     models: Mapping[tuple[str, int], Counters], buffered: bool,
+                     max_window_ms: int, new_snap: Callable[..., Any],
+                     new_window: Callable[..., Any], add: Callable[[Any], Any]
+                     ) -> dict[tuple[str, int], Any]:
+    """The differencing of :func:`record`, over any snapshot/window classes with the
+    columns' attribute names (ORM rows, or PlainBatch's slotted records)."""
     marker = snaps.get((MARKER, 0))
     if marker is not None and at_ms <= marker.at_ms:
         log.info("device %s: metrics at %d not newer than %d; no window", device_id, at_ms,
@@ -312,7 +346,7 @@ def record(s: Session, *, device_id: str, at_ms: int, models: Mapping[tuple[str,
         return {key: None for key in models}
     prev_at = marker.at_ms if marker is not None else None
     fresh = prev_at is not None and at_ms - prev_at <= max_window_ms
-    out: dict[tuple[str, int], MetricWindow | None] = {}
+    out: dict[tuple[str, int], Any] = {}
     for (name, version), cur in models.items():
         if not name:
             continue
@@ -329,32 +363,146 @@ def record(s: Session, *, device_id: str, at_ms: int, models: Mapping[tuple[str,
         if delta is not None and start is not None:
             hist = delta.latency
             has = hist.total > 0
-            window = MetricWindow(
+            window = new_window(
                 device_id=device_id, model_name=key[0], model_version=key[1], start_ms=start,
                 end_ms=at_ms, requests=delta.requests, errors=delta.errors,
                 bounds_ms=list(hist.bounds_ms) if has else [],
                 counts=[int(c) for c in hist.counts] if has else [],
                 sum_ms=hist.sum_ms if has else 0.0, buffered=buffered, reset=delta.reset)
-            s.add(window)
+            add(window)
             if delta.reset:
                 log.info("device %s %s@%d: counters reset (agent restart?); window = new values",
                          device_id, key[0], key[1])
         out[key] = window
-        snap = snap or MetricSnapshot(device_id=device_id, model_name=key[0],
-                                      model_version=key[1], at_ms=at_ms)
+        if snap is None:
+            snap = snaps[key] = new_snap(device_id=device_id, model_name=key[0],
+                                         model_version=key[1], at_ms=at_ms)
         snap.at_ms, snap.requests, snap.errors = at_ms, cur.requests, cur.errors
         snap.bounds_ms, snap.counts = list(cur.latency.bounds_ms), [
             int(c) for c in cur.latency.counts]
         snap.sum_ms = cur.latency.sum_ms
-        s.add(snap)
-    marker = marker or MetricSnapshot(device_id=device_id, model_name=MARKER, model_version=0,
-                                      at_ms=at_ms)
+        add(snap)
+    if marker is None:
+        marker = snaps[(MARKER, 0)] = new_snap(device_id=device_id, model_name=MARKER,
+                                               model_version=0, at_ms=at_ms)
     marker.at_ms = at_ms
-    s.add(marker)
+    add(marker)
     return out
 
 
-def window_quantiles(w: MetricWindow | None) -> tuple[float | None, float | None, float | None]:
+_SNAP_COLS = ("device_id", "model_name", "model_version", "at_ms", "requests", "errors",
+              "bounds_ms", "counts", "sum_ms")
+_WINDOW_COLS = ("device_id", "model_name", "model_version", "start_ms", "end_ms", "requests",
+                "errors", "bounds_ms", "counts", "sum_ms", "buffered", "reset")
+
+
+class PlainSnap:
+    """A MetricSnapshot row as a plain record (``stored``: it exists in the table)."""
+
+    __slots__ = (*_SNAP_COLS, "stored", "dirty")
+
+    def __init__(self, *, device_id: str, model_name: str, model_version: int, at_ms: int,
+                 requests: int = 0, errors: int = 0, bounds_ms: list[float] | None = None,
+                 counts: list[int] | None = None, sum_ms: float = 0.0,
+                 stored: bool = False) -> None:
+        self.device_id, self.model_name, self.model_version = device_id, model_name, model_version
+        self.at_ms, self.requests, self.errors = at_ms, requests, errors
+        self.bounds_ms, self.counts, self.sum_ms = bounds_ms or [], counts or [], sum_ms
+        self.stored, self.dirty = stored, False
+
+
+class PlainWindow:
+    """A MetricWindow row as a plain record (the attributes histogram_of reads)."""
+
+    __slots__ = _WINDOW_COLS
+    device_id: str
+    model_name: str
+    model_version: int
+    start_ms: int
+    end_ms: int
+    requests: int
+    errors: int
+    bounds_ms: list[float]
+    counts: list[int]
+    sum_ms: float
+    buffered: bool
+    reset: bool
+
+    def __init__(self, **kw: Any) -> None:
+        for k in _WINDOW_COLS:
+            setattr(self, k, kw[k])
+
+
+class PlainBatch:
+    """Windows and snapshots of many Metrics messages, written with executemany statements
+    (the batched ingest: controller/fleet/ingest_batch.py). ``load`` locks the devices'
+    snapshot rows on PostgreSQL, like :func:`load_snapshots`."""
+
+    def __init__(self, conn: Any, device_ids: Iterable[str]) -> None:
+        self.conn = conn
+        self.snaps: dict[str, dict[tuple[str, int], PlainSnap]] = {}
+        self.windows: list[PlainWindow] = []
+        t = MetricSnapshot.__table__  # type: ignore[attr-defined]
+        ids = sorted(set(device_ids))
+        for part in _chunks(ids):
+            q = sa_select(*[t.c[c] for c in _SNAP_COLS]).where(t.c.device_id.in_(part))
+            if conn.dialect.name == "postgresql":
+                q = q.with_for_update()
+            for r in conn.execute(q).all():
+                snap = PlainSnap(**{c: getattr(r, c) for c in _SNAP_COLS}, stored=True)
+                self.snaps.setdefault(r.device_id, {})[(r.model_name, r.model_version)] = snap
+        for d in ids:
+            self.snaps.setdefault(d, {})
+
+    def _add(self, obj: Any) -> None:
+        if isinstance(obj, PlainWindow):
+            self.windows.append(obj)
+        else:
+            obj.dirty = True
+
+    def record(self, *, device_id: str, at_ms: int, models: Mapping[tuple[str, int], Counters],
+               buffered: bool = False, max_window_ms: int = MAX_WINDOW_MS
+               ) -> dict[tuple[str, int], PlainWindow | None]:
+        """:func:`record` for one message of the batch (in arrival order)."""
+        return _difference_into(self.snaps.setdefault(device_id, {}), device_id=device_id,
+                                at_ms=at_ms, models=models, buffered=buffered,
+                                max_window_ms=max_window_ms, new_snap=PlainSnap,
+                                new_window=PlainWindow, add=self._add)
+
+    def write(self) -> None:
+        """INSERT the windows and new snapshots, UPDATE the changed ones (executemany)."""
+        t_w = MetricWindow.__table__  # type: ignore[attr-defined]
+        t_s = MetricSnapshot.__table__  # type: ignore[attr-defined]
+        if self.windows:
+            self.conn.execute(t_w.insert(), [{c: getattr(w, c) for c in _WINDOW_COLS}
+                                             for w in self.windows])
+        new: list[PlainSnap] = []
+        changed: list[PlainSnap] = []
+        for per in self.snaps.values():
+            for snap in per.values():
+                if snap.dirty:
+                    (changed if snap.stored else new).append(snap)
+        if new:
+            self.conn.execute(t_s.insert(), [{c: getattr(x, c) for c in _SNAP_COLS} for x in new])
+        if changed:
+            stmt = t_s.update().where(
+                t_s.c.device_id == bindparam("k_dev"), t_s.c.model_name == bindparam("k_name"),
+                t_s.c.model_version == bindparam("k_ver")).values(
+                at_ms=bindparam("v_at"), requests=bindparam("v_req"),
+                errors=bindparam("v_err"), bounds_ms=bindparam("v_bounds"),
+                counts=bindparam("v_counts"), sum_ms=bindparam("v_sum"))
+            self.conn.execute(stmt, [
+                {"k_dev": x.device_id, "k_name": x.model_name, "k_ver": x.model_version,
+                 "v_at": x.at_ms, "v_req": x.requests, "v_err": x.errors,
+                 "v_bounds": x.bounds_ms, "v_counts": x.counts, "v_sum": x.sum_ms}
+                for x in changed])
+        for per in self.snaps.values():
+            for snap in per.values():
+                snap.stored, snap.dirty = True, False
+        self.windows = []
+
+
+def window_quantiles(w: MetricWindow | PlainWindow | None) -> tuple[float | None, float | None, float | None]:
     """(p50, p95, p99) of one window; Nones without a window or without samples."""
     return quantiles(histogram_of(w)) if w is not None else (None, None, None)
 
