@@ -149,7 +149,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 def _cmd_get(args: argparse.Namespace) -> int:
     from controller.cli_client import get
 
-    get(_server(args), args.what, output=args.output or "", name=args.name or "")
+    get(_server(args), args.what, output=args.output or "", name=args.name or "",
+        chunk_size=args.chunk_size)
     return 0
 
 
@@ -289,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("what", help="devices | models | rollouts | events")
     g.add_argument("name", nargs="?", help="one object (device id, or [namespace/]name)")
     g.add_argument("-o", "--output", choices=["json", "wide"])
+    g.add_argument("--chunk-size", type=int, default=500, metavar="N",
+                   help="devices: fetch the list N per request (0 = all in one request)")
     g.set_defaults(func=_cmd_get)
 
     d = sub.add_parser("delete", help="delete a resource")

@@ -193,21 +193,48 @@ GET_ALIASES = {"device": "devices", "dev": "devices", "model": "models", "edgemo
                "er": "rollouts", "event": "events", "ev": "events"}
 
 
+DEFAULT_CHUNK_SIZE = 500     # devices per page of `get devices` (kubectl's --chunk-size)
+
+
+def _all_devices(c: httpx.Client, chunk_size: int) -> dict[str, Any]:
+    """Every device, ``chunk_size`` per request following ``metadata.continue`` (one request
+    without a limit when 0); the same ``{"items": [...]}`` as the unpaged list."""
+    items: list[dict[str, Any]] = []
+    token = ""
+    while True:
+        params: dict[str, Any] = {"limit": chunk_size} if chunk_size > 0 else {}
+        if token:
+            params["continue"] = token
+        resp = c.get("/api/v1/devices", params=params)
+        _raise_for(resp)
+        page = resp.json()
+        items.extend(page.get("items", []))
+        token = (page.get("metadata") or {}).get("continue") or ""
+        if not token:       # the last page (or a server that does not page)
+            return {"items": items}
+
+
 def get(server: str, what: str, *, output: str = "", name: str = "",
-        out: TextIO | None = None) -> Any:
-    """`edgefleet get devices|models|rollouts|events [NAME] [-o json|wide]`."""
+        out: TextIO | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Any:
+    """`edgefleet get devices|models|rollouts|events [NAME] [-o json|wide] [--chunk-size N]`."""
     out = out or sys.stdout
     what = GET_ALIASES.get(what, what)
     if what not in ("devices", "models", "rollouts", "events"):
         raise Rejected(f"unknown resource {what!r}: use devices, models, rollouts or events",
                        reason="bad_arg")
+    if chunk_size < 0:
+        raise Rejected(f"--chunk-size must be 0 (no paging) or more, got {chunk_size}",
+                       reason="bad_arg")
     path = f"/api/v1/{what}"
     if name:
         path += f"/{name}" if what == "devices" or "/" in name else f"/default/{name}"
     with client(server) as c:
-        resp = c.get(path)
-        _raise_for(resp)
-        data = resp.json()
+        if what == "devices" and not name:
+            data = _all_devices(c, chunk_size)
+        else:
+            resp = c.get(path)
+            _raise_for(resp)
+            data = resp.json()
     if output == "json" or (name and what != "events"):
         print(json.dumps(data, indent=2, sort_keys=True), file=out)
         return data

@@ -43,6 +43,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             cur.close()
     SQLModel.metadata.create_all(engine)
     add_missing_columns(engine)
+    add_missing_indexes(engine)
     return engine
 
 
@@ -79,6 +80,31 @@ def add_missing_columns(engine: Engine) -> list[str]:
             added.append(f"{table.name}.{column.name}")
             log.info("database: added column %s.%s", table.name, column.name)
     return added
+
+
+def add_missing_indexes(engine: Engine) -> list[str]:
+    """Create the indexes that newer models declare and an existing database lacks.
+
+    ``create_all`` creates a new table with its indexes but never adds an index to a table
+    that exists (e.g. one declared with ``index=True`` later); each missing one is created
+    here by name (``CREATE INDEX``, idempotent: an index that exists is left alone).
+    Returns the names of the indexes created.
+    """
+    insp = inspect(engine)
+    created: list[str] = []
+    existing_tables = set(insp.get_table_names())
+    for table in SQLModel.metadata.sorted_tables:
+        if table.name not in existing_tables:
+            continue
+        have = {ix["name"] for ix in insp.get_indexes(table.name)}
+        for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
+            if index.name in have:
+                continue
+            with engine.begin() as conn:
+                index.create(conn, checkfirst=True)
+            created.append(str(index.name))
+            log.info("database: created index %s on %s", index.name, table.name)
+    return created
 
 
 @contextmanager

@@ -180,6 +180,9 @@ class DeviceDesired(SQLModel, table=True):
 class MetricSample(SQLModel, table=True):
     """Latest-window metrics per device (and per model); the dashboard's live view."""
 
+    # a device's newest sample (the latest metrics of the fleet) and its history, by time
+    __table_args__ = (Index("ix_metricsample_device_at", "device_id", "at_ms"),)
+
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(index=True)
     at_ms: int = Field(index=True, sa_type=BigInteger)

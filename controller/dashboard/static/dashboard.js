@@ -1,4 +1,5 @@
 // edgefleet dashboard: polls the JSON API every 2 s and refreshes the tables. No dependencies.
+// The overview reads one page of devices (?limit=) and /api/v1/fleet/summary for the counts.
 (function () {
   "use strict";
   var cfg = window.EDGEFLEET || {};
@@ -46,12 +47,21 @@
     });
   }
 
+  // the table shows the first DEVICE_PAGE devices (one page of the API, not the whole fleet
+  // every 2 s); the counts come from the fleet summary
+  var DEVICE_PAGE = 500;
+
   function refreshOverview() {
-    getJSON("/api/v1/devices").then(function (data) {
-      var items = data.items || [];
-      var online = items.filter(function (d) { return d.online; }).length;
+    Promise.all([
+      getJSON("/api/v1/devices?limit=" + DEVICE_PAGE),
+      getJSON("/api/v1/fleet/summary")
+    ]).then(function (res) {
+      var items = res[0].items || [], sum = res[1];
       var s = document.getElementById("summary");
-      if (s) s.textContent = online + "/" + items.length + " devices online";
+      if (s) {
+        s.textContent = sum.online + "/" + sum.total + " devices online" +
+          (sum.total > items.length ? " (table: first " + items.length + ")" : "");
+      }
       if (!items.length) return;
       setBody("devices", items.map(function (d) {
         var served = d.model ? d.model + "@" + d.version : "-";
