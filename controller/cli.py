@@ -44,11 +44,36 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"error: --advertise-mqtt {args.advertise_mqtt}: port must be a number",
               file=sys.stderr)
         return 2
+    db_url = args.db_url or os.environ.get("EDGEFLEET_DB_URL", "")
+    mqtt: dict[str, Any] = {}
+    username = args.mqtt_username or os.environ.get("EDGEFLEET_MQTT_USERNAME", "")
+    if username:
+        mqtt["mqtt_username"] = username
+    if os.environ.get("EDGEFLEET_MQTT_PASSWORD"):
+        mqtt["mqtt_password"] = os.environ["EDGEFLEET_MQTT_PASSWORD"]
+    for flag, key in (("mqtt_ca", "mqtt_tls_ca"), ("mqtt_cert", "mqtt_tls_cert"),
+                      ("mqtt_key", "mqtt_tls_key")):
+        if getattr(args, flag):
+            mqtt[key] = str(Path(getattr(args, flag)).resolve())
+    if (args.mqtt_cert or args.mqtt_key) and not args.mqtt_ca:
+        print("error: --mqtt-cert/--mqtt-key need --mqtt-ca", file=sys.stderr)
+        return 2
+    if args.broker_url.startswith("mqtts://") and not (args.mqtt_ca or args.tls):
+        print("error: --broker-url mqtts://... needs --mqtt-ca (the CA of the broker's "
+              "certificate)", file=sys.stderr)
+        return 2
+    if args.lease_seconds < 3:
+        print("error: --lease-seconds must be at least 3", file=sys.stderr)
+        return 2
     opts = EmbeddedOptions(data_dir=Path(args.data_dir), api_host=args.host, api_port=args.port,
                            mqtt_host=args.mqtt_host, mqtt_port=args.mqtt_port,
                            broker_url=args.broker_url, broker=args.broker, tls=args.tls,
                            advertise_mqtt_host=adv_host, advertise_mqtt_port=int(adv_port or 0),
-                           builders_file=Path(args.builders) if args.builders else None)
+                           builders_file=Path(args.builders) if args.builders else None,
+                           db_url=db_url, replica_id=args.replica_id,
+                           keys_dir=Path(args.keys_dir) if args.keys_dir else None,
+                           store_dir=Path(args.store_dir) if args.store_dir else None,
+                           lease_s=float(args.lease_seconds), settings_overrides=mqtt)
     return run_embedded(opts)
 
 
@@ -255,6 +280,30 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--builders", default="", metavar="FILE",
                     help="trusted remote builders JSON {id: base64 public key}: start the "
                          "build dispatcher (docs/builder.md)")
+    # replicas (docs/scaling.md): several `up` sharing one database, broker, keys and store
+    up.add_argument("--db-url", default="", metavar="URL",
+                    help="shared database, e.g. postgresql+psycopg://user@host/edgefleet "
+                         "(default $EDGEFLEET_DB_URL, else SQLite in --data-dir); with it this "
+                         "process is a replica: leader election by a database lease, only "
+                         "the leader reconciles")
+    up.add_argument("--replica-id", default="", metavar="ID",
+                    help="this replica's name in the lease (default HOSTNAME-PID; a stable "
+                         "one lets a restarted replica take its own lease back at once)")
+    up.add_argument("--lease-seconds", type=float, default=15.0, metavar="S",
+                    help="leader lease: a dead leader is replaced within S seconds "
+                         "(renewed every S/3)")
+    up.add_argument("--keys-dir", default="", metavar="DIR",
+                    help="signing keys (default DATA_DIR/keys); replicas share one")
+    up.add_argument("--store-dir", default="", metavar="DIR",
+                    help="artifact store (default DATA_DIR/store); replicas share one")
+    up.add_argument("--mqtt-username", default="",
+                    help="MQTT username for --broker-url (default $EDGEFLEET_MQTT_USERNAME; "
+                         "the password comes from $EDGEFLEET_MQTT_PASSWORD)")
+    up.add_argument("--mqtt-ca", default="", metavar="PEM",
+                    help="CA of the broker's TLS certificate (for --broker-url mqtts://...)")
+    up.add_argument("--mqtt-cert", default="", metavar="PEM",
+                    help="client certificate for the broker (with --mqtt-key)")
+    up.add_argument("--mqtt-key", default="", metavar="PEM", help="client certificate's key")
     up.set_defaults(func=_cmd_up)
 
     tk = sub.add_parser("token", help="bootstrap tokens for `edgefleet-agent enroll`: "

@@ -15,6 +15,14 @@ broker is the amqtt fallback (MQTT 3.1.1 only) the controller speaks MQTT 3.1.1.
 remote builders (docs/builder.md), its HTTP routes on the API, ``core.build_dispatcher`` set.
 ``advertise_mqtt_host/port``: the broker address given to boards that enroll
 (``POST /api/v1/enroll``, controller/api/enroll.py).
+
+Replicas (``edgefleet up --db-url postgresql+psycopg://... --broker-url mqtt://...``,
+docs/scaling.md): with a ``db_url`` several of these processes share one database, one broker
+(given by URL: none is started), the signing keys (``keys_dir``) and the artifact store
+(``store_dir``). Each ingests its share of device traffic (MQTT 5 shared subscriptions) and
+serves the API; a DbLease (controller/fleet/lease.py) named ``edgefleet-controller`` elects
+the one that reconciles (``core.leader``). Gaining the lease kicks a reconcile pass; losing it
+cancels this replica's in-flight reconciles; a clean stop releases it after the core stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +58,18 @@ class EmbeddedOptions:
     advertise_mqtt_host: str = ""    # broker host told to enrolling boards ("" = mqtt_host)
     advertise_mqtt_port: int = 0     # 0 = the broker's port
     builders_file: Path | None = None  # trusted builders JSON: start a BuildDispatcher
+    # replicas (docs/scaling.md): a shared database turns on leader election
+    db_url: str = ""                 # "" = SQLite in data_dir (one controller, no lease)
+    replica_id: str = ""             # "" = {hostname}-{pid}
+    keys_dir: Path | None = None     # None = {data_dir}/keys; replicas share one
+    store_dir: Path | None = None    # None = {data_dir}/store; replicas share one
+    lease_s: float = 15.0            # leader lease; renewed every lease_s / 3
     settings_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def default_replica_id() -> str:
+    """``{hostname}-{pid}``: unique among replicas on one machine and across machines."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class EmbeddedController:
@@ -64,6 +85,9 @@ class EmbeddedController:
         self.build_dispatcher: Any = None  # controller.builder.BuildDispatcher (builders_file)
         self._api: ApiServer | None = None
         self.api_port = 0
+        self.lease: Any = None           # controller.fleet.lease.DbLease (replicas)
+        self._lease_task: asyncio.Task[None] | None = None
+        self._lease_engine: Any = None
 
     @property
     def url(self) -> str:
@@ -85,14 +109,19 @@ class EmbeddedController:
             overrides = {"mqtt_protocol": self.broker.mqtt_protocol, **tls_settings,
                          "enroll_mqtt_host": self.opts.advertise_mqtt_host,
                          "enroll_mqtt_port": self.opts.advertise_mqtt_port,
+                         **self._replica_settings(),
                          **self.opts.settings_overrides}
             settings = Settings(data_dir=self.data_dir, mqtt_host=self.broker.host,
                                 mqtt_port=self.broker.port, **overrides)
             keys_dir = settings.resolved_keys_dir
             if not (keys_dir / "state.json").is_file():
                 log.info("no signing keys in %s: creating a root key and a signing key", keys_dir)
-            self.keys = await asyncio.to_thread(KeyStore.load_or_init, keys_dir)
+            self.keys = await asyncio.to_thread(_load_or_init_keys, keys_dir, KeyStore)
+            if settings.db_url:      # tables first, one replica at a time (shared database)
+                await asyncio.to_thread(self._start_lease_engine, settings)
             self.core = ControllerCore(settings)
+            if settings.db_url:
+                self._start_lease(settings)
             await self.core.start()
             self._api = ApiServer(self.opts.api_host, self.opts.api_port)
             self.api_port = self._api.port
@@ -105,6 +134,45 @@ class EmbeddedController:
             raise
         log.info("edgefleet is up: dashboard and API at %s, MQTT broker (%s) at %s",
                  self.url, self.broker.kind, self.broker.url)
+
+    def _replica_settings(self) -> dict[str, Any]:
+        """Settings fields for the replica options that are set (db, folders, lease)."""
+        o = self.opts
+        out: dict[str, Any] = {}
+        if o.db_url:
+            out["db_url"] = o.db_url
+        if o.keys_dir is not None:
+            out["keys_dir"] = Path(o.keys_dir).resolve()
+        if o.store_dir is not None:
+            out["store_dir"] = Path(o.store_dir).resolve()
+        out["replica_id"] = o.replica_id or default_replica_id()
+        out["lease_s"], out["lease_renew_s"] = float(o.lease_s), float(o.lease_s) / 3
+        return out
+
+    def _start_lease_engine(self, settings: Any) -> None:
+        """An engine of its own for the lease (a busy core pool cannot delay renewals); it
+        creates the tables, replicas taking turns (make_engine_serialized)."""
+        from controller.fleet.lease import make_engine_serialized
+
+        self._lease_engine = make_engine_serialized(settings.resolved_db_url)
+
+    def _start_lease(self, settings: Any) -> None:
+        """Leader election on the shared database: only the lease holder reconciles."""
+        from controller.fleet.lease import DbLease
+
+        core = self.core
+        self.lease = DbLease(self._lease_engine, identity=settings.replica_id,
+                             lease_s=settings.lease_s, renew_s=settings.lease_renew_s,
+                             on_gained=lambda: self._on_gained(core),
+                             on_lost=lambda reason: stand_down(core))
+        core.leader = self.lease          # before core.start: no pass runs as a follower
+        self._lease_task = asyncio.create_task(self.lease.run(), name="controller-lease")
+        log.info("replica %s: leader election on the shared database (lease %.0f s)",
+                 settings.replica_id, settings.lease_s)
+
+    def _on_gained(self, core: Any) -> None:
+        if self.core is core:
+            core.kick()                   # reconcile at once: the old leader may have left work
 
     async def _start_builds(self, app: Any, settings: Any) -> None:
         """The remote-build dispatcher for the builders in ``builders_file`` (docs/builder.md)."""
@@ -161,10 +229,39 @@ class EmbeddedController:
             except Exception:
                 log.exception("error while stopping the controller core")
             self.core = None
+        if self.lease is not None:        # after the core: no reconcile runs past the release
+            await self.lease.stop(self._lease_task)
+            self.lease = self._lease_task = None
+        if self._lease_engine is not None:
+            self._lease_engine.dispose()
+            self._lease_engine = None
         if self.broker is not None:
             await self.broker.stop()
             self.broker = None
         log.info("edgefleet stopped")
+
+
+def stand_down(core: Any) -> None:
+    """Leadership lost: cancel this replica's in-flight reconciles (the new leader redoes
+    them; the reconcilers are level-triggered and their writes idempotent)."""
+    running = getattr(core, "_running", None) or {}
+    for task in list(running.values()):
+        if not task.done():
+            task.cancel()
+
+
+def _load_or_init_keys(keys_dir: Path, keystore: Any) -> Any:
+    """``KeyStore.load_or_init`` under a file lock: replicas starting together on an empty
+    shared keys folder create one root key, not one each."""
+    import fcntl
+
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    with open(keys_dir / ".init.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return keystore.load_or_init(keys_dir)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 async def serve_until_signal(ctrl: EmbeddedController) -> None:
@@ -176,8 +273,9 @@ async def serve_until_signal(ctrl: EmbeddedController) -> None:
             loop.add_signal_handler(sig, stop.set)
     await ctrl.start()
     try:
+        replica = f"  replica {ctrl.lease.identity}" if ctrl.lease is not None else ""
         print(f"edgefleet up: dashboard {ctrl.url}  MQTT {ctrl.broker.url if ctrl.broker else ''}"
-              "  (Ctrl-C to stop)", flush=True)
+              f"{replica}  (Ctrl-C to stop)", flush=True)
         await stop.wait()
         print("stopping ...", flush=True)
     finally:

@@ -78,6 +78,11 @@ class Settings:
     compile_in_process_pool: bool = True   # False: threads (tests on tiny models)
     key_list_ttl_s: int = 365 * 24 * 3600
     signing_key_ttl_s: int = 90 * 24 * 3600
+    # replicas sharing one database (controller/fleet/lease.py DbLease, docs/scaling.md)
+    replica_id: str = ""                   # "" = {hostname}-{pid}
+    lease_s: float = 15.0                  # a dead leader is replaced after at most this long
+    lease_renew_s: float = 5.0             # renew period; the leader steps down lease_s - this
+                                           # after its last renewal (needs 2 * renew < lease)
 
     MAX_CHUNK_SIZE_BYTES = 131072
 

@@ -17,7 +17,7 @@ from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
-from controller.fleet import enroll, models, windows  # noqa: F401  (registers the tables)
+from controller.fleet import enroll, lease, models, windows  # noqa: F401  (registers the tables)
 
 log = logging.getLogger(__name__)
 
