@@ -5,7 +5,12 @@ checking its sha256 against the signed manifest (a bad chunk is rejected on arri
 appends the index to a journal (``chunks.idx``) so a restart knows what is on disk; on open it
 re-checks every journaled chunk against its hash. :class:`Transfer` asks for a window of
 missing chunks with ``ChunkRequest``, re-asks after a reconnect, and reports a stall when no
-chunk arrived for ``stall_timeout_s``. :class:`Fetcher` runs the transfers of every update
+chunk arrived for ``stall_timeout_s`` (doubled after each stall in a row, up to
+:data:`MAX_STALL_BACKOFF` times: a controller busy serving a big fleet is re-asked less
+often, not given up on). An update fails after ``max_retries`` stalls *in a row*: a chunk
+that arrives resets the count, so a slow but moving transfer (many devices sharing the
+controller's bandwidth) completes, while a sender that never answers (slow retrieval) is
+still refused. :class:`Fetcher` runs the transfers of every update
 being downloaded (one per model key at most): it routes incoming ``UpdateChunk`` messages,
 publishes the ``ChunkRequest``s, re-asks after reconnects and stalls, and hands a complete
 payload back to the update manager. Used by :mod:`agent.update.manager`.
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 PARTIAL_NAME = "payload.part"
 JOURNAL_NAME = "chunks.idx"
 CHUNK_OVERHEAD_BYTES = 1024
+MAX_STALL_BACKOFF = 4          # the stall timeout grows to at most this multiple
 
 
 class ChunkAssembler:
@@ -145,6 +151,7 @@ class Transfer:
         self.outstanding: set[int] = set()
         self.last_progress = clock()
         self.requested_on = 0  # connection id the outstanding requests were sent on
+        self.backoff = 0       # stalls in a row: the stall timeout is doubled this often
 
     def request_more(self) -> None:
         """Ask for missing chunks not yet asked for, up to the window."""
@@ -179,9 +186,14 @@ class Transfer:
             self.request_more()
         return new
 
+    @property
+    def timeout_s(self) -> float:
+        """The current stall timeout (backed off after stalls in a row)."""
+        return self.stall_timeout_s * min(2 ** self.backoff, MAX_STALL_BACKOFF)
+
     def stalled(self) -> bool:
         return not self.asm.complete and \
-            self._clock() - self.last_progress > self.stall_timeout_s
+            self._clock() - self.last_progress > self.timeout_s
 
 
 OnComplete = Callable[[ModelUpdateState, VerifiedUpdate], None]
@@ -219,6 +231,7 @@ class Fetcher:
                       request=lambda idx: self._request(vu.update_id, idx),
                       stall_timeout_s=self.cfg.update.stall_timeout_s,
                       connection_id=self._connection_id)
+        tr.backoff = rec.stalls
         self.transfers[vu.update_id] = (ms, vu, tr)
         if asm.complete:
             self._done(ms, vu, tr)
@@ -259,6 +272,7 @@ class Fetcher:
             return
         if not new:
             return
+        rec.stalls = tr.backoff = 0         # progress: stalls count only in a row
         rec.bytes_received = tr.asm.bytes_received
         crash_point(f"chunk:{len(tr.asm.have)}")
         if tr.asm.complete:
@@ -298,7 +312,8 @@ class Fetcher:
             tr.on_connected()
 
     def check_stalls(self) -> None:
-        """Re-ask stalled transfers; fail one after ``update.max_retries`` stalls."""
+        """Re-ask stalled transfers (backing off); fail one after ``update.max_retries``
+        stalls in a row."""
         if not self._connection_id():
             return  # broker unreachable is not a stall: the reconnect re-requests
         up = self.cfg.update
@@ -308,11 +323,14 @@ class Fetcher:
             rec = ms.current
             assert rec is not None
             rec.stalls += 1
+            waited = tr.timeout_s
             if rec.stalls > up.max_retries:
                 self._on_failed(ms, Rejected(
-                    f"transfer stalled {rec.stalls} times ({up.stall_timeout_s}s each "
-                    f"without a chunk); slow retrieval", reason="stalled"))
+                    f"transfer stalled {rec.stalls} times in a row (from "
+                    f"{up.stall_timeout_s}s to {waited:g}s each without a chunk); slow "
+                    "retrieval", reason="stalled"))
                 continue
-            log.warning("update %s: no chunk for %.1fs; re-requesting (%d/%d)", uid,
-                        up.stall_timeout_s, rec.stalls, up.max_retries)
+            tr.backoff = rec.stalls
+            log.warning("update %s: no chunk for %.1fs; re-requesting (%d/%d), next wait "
+                        "%.1fs", uid, waited, rec.stalls, up.max_retries, tr.timeout_s)
             tr.restart_requests()

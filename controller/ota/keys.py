@@ -124,8 +124,18 @@ class KeyStore:
 
     # -- use ------------------------------------------------------------------------------------
     def signing_key(self) -> Ed25519PrivateKey:
-        """The current online signing key."""
-        return _load_private(self.dir / "signing" / f"{self.state.current}.key")
+        """The current online signing key (read again when its file changes)."""
+        path = self.dir / "signing" / f"{self.state.current}.key"
+        try:
+            stamp = (str(path), path.stat().st_mtime_ns)
+        except OSError:
+            return _load_private(path)               # raises GiveUp naming the file
+        cached = getattr(self, "_signing_cache", None)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        key = _load_private(path)
+        self._signing_cache = (stamp, key)
+        return key
 
     def sign(self, message: Any) -> update_pb2.SignedEnvelope:
         return envelope.sign(message, self.signing_key())

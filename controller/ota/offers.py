@@ -5,12 +5,17 @@ after the planner chose the payload (full engine or a delta from the device's ba
 manifest binds everything the agent checks: class, model, version, target and payload
 hashes and sizes, codec, base, per-chunk sha256 list, expiry, engine fingerprint and
 signature. It is signed with the current online signing key (controller.ota.keys).
+The per-chunk hashes of a payload are computed once per (file, chunk size) and kept in a
+small in-process cache: devices sharing a base share the payload, so 1,000 offers of one
+delta hash it once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +27,43 @@ _FP_FIELDS = ("engine_kind", "arch", "toolchain", "toolchain_version", "accelera
               "precision", "min_runtime_version")
 
 
+_HASH_CACHE: OrderedDict[tuple[str, int, int, int], list[bytes]] = OrderedDict()
+_HASH_CACHE_ENTRIES = 64
+_hash_lock = threading.Lock()
+
+
 def chunk_hashes(path: Path, chunk_size: int) -> list[bytes]:
-    """Raw sha256 of each ``chunk_size`` piece of the file, in order (at least one)."""
+    """Raw sha256 of each ``chunk_size`` piece of the file, in order (at least one); cached
+    by (path, size, mtime, chunk size): payloads are content-addressed and never rewritten."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, chunk_size)
+    with _hash_lock:
+        hit = _HASH_CACHE.get(key)
+        if hit is not None:
+            _HASH_CACHE.move_to_end(key)
+            return list(hit)
+    out = _hash_file(path, chunk_size)
+    with _hash_lock:
+        _HASH_CACHE[key] = out
+        while len(_HASH_CACHE) > _HASH_CACHE_ENTRIES:
+            _HASH_CACHE.popitem(last=False)
+    return list(out)
+
+
+def hashes_known(path: Path | None, chunk_size: int) -> bool:
+    """True when ``chunk_hashes(path, chunk_size)`` is answered from the cache (no I/O
+    beyond a stat: a caller on the event loop need not go to a thread)."""
+    if path is None:
+        return True
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    with _hash_lock:
+        return (str(path), st.st_size, st.st_mtime_ns, chunk_size) in _HASH_CACHE
+
+
+def _hash_file(path: Path, chunk_size: int) -> list[bytes]:
     out: list[bytes] = []
     with open(path, "rb") as f:
         while True:

@@ -36,6 +36,17 @@ class DeltaPlanner:
         self.engine = engine
         self.enabled = enabled
         self._lock = threading.Lock()   # one plan at a time: bounded memory (bsdiff ~17x input)
+        # (base as asked, target) -> payload planned in this process: offering 1,000 devices
+        # one delta reads the Delta table once
+        self._known: dict[tuple[str, str], Payload] = {}
+
+    def known_payload(self, *, base_sha256: str, target_sha256: str) -> Payload | None:
+        """The payload already planned for (base, target) in this process, else None (a
+        file check only: callable on the event loop)."""
+        p = self._known.get((base_sha256, target_sha256)) if self.enabled else None
+        if p is not None and (p.path is None or p.path.exists()):
+            return p
+        return None
 
     def full(self, target_sha256: str) -> Payload:
         return Payload("full", "", target_sha256, self.store.size(target_sha256),
@@ -48,13 +59,12 @@ class DeltaPlanner:
         base = base_sha256 if (base_sha256 and base_sha256 != target_sha256
                                and self.store.has(base_sha256)) else ""
         cached = self._cached(base, target_sha256)
-        if cached is not None:
-            return cached
-        with self._lock:
-            cached = self._cached(base, target_sha256)
-            if cached is not None:
-                return cached
-            return self._plan(base, target_sha256)
+        if cached is None:
+            with self._lock:
+                cached = self._cached(base, target_sha256) or self._plan(base, target_sha256)
+        if base == base_sha256 or not base_sha256 or base_sha256 == target_sha256:
+            self._known[(base_sha256, target_sha256)] = cached     # not for an unknown base
+        return cached
 
     def _cached(self, base: str, target: str) -> Payload | None:
         with session_scope(self.engine) as s:

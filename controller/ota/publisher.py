@@ -7,8 +7,18 @@ device id matches the topic and the offer, known update id, indices in range, at
 ``max_chunks_per_request``), queued, and answered by worker tasks with UpdateChunks
 (QoS 1) paced by one fleet-wide token bucket of ``ota_max_bytes_per_second``; a rollout
 with ``spec.maxBytesPerSecond`` also has its own bucket, queue and sender task (a "lane").
-Bytes sent are added to DeviceRollout.bytes_sent. Bad requests are dropped with a log line naming
+Bytes sent are added to DeviceRollout.bytes_sent (batched: one transaction when the queue
+drains or every :data:`ACCOUNT_EVERY_S`). Bad requests are dropped with a log line naming
 the device and the reason.
+
+Many downloaders at once (controller.ota.chunkqueue): a request merges into its update's
+entry, so the queue holds one entry per downloading device, not one per request; workers
+serve one chunk per device per turn (round robin), so each of N concurrent transfers gets
+a chunk every N chunks and none stalls while the fleet shares the bandwidth. A device can
+only queue work for an offer made to it, so the queue is sized by the live offers
+(at least ``chunk_queue_depth`` entries) and a valid request is never refused for room.
+Payload bytes are served from an in-memory cache (devices sharing a base share the
+cached delta, and now its bytes too).
 """
 
 from __future__ import annotations
@@ -22,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import DecodeError
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import col, select
 
 from controller.fleet.db import session_scope
 from controller.fleet.models import Delta, DeviceRollout, DeviceRolloutState
+from controller.ota.chunkqueue import ChunkQueue, PayloadCache
 from controller.settings import Settings
 from controller.store import ArtifactStore
 from protos import topics
@@ -34,6 +46,8 @@ from protos.edgefleet.v1 import update_pb2
 from protos.errors import RetryLater
 
 log = logging.getLogger(__name__)
+
+ACCOUNT_EVERY_S = 1.0          # bytes_sent written at least this often while chunks flow
 
 
 class TokenBucket:
@@ -104,19 +118,13 @@ class OfferInfo:
 
 
 @dataclass
-class _Job:
-    info: OfferInfo
-    indices: list[int]
-
-
-@dataclass
 class _Lane:
     """Chunk traffic of one rate-capped rollout: its bucket, queue and sender task."""
 
     rollout: str
     rate: int
     bucket: TokenBucket
-    queue: asyncio.Queue[_Job]
+    queue: ChunkQueue
     task: asyncio.Task[None] | None = None
 
 
@@ -132,7 +140,10 @@ class Publisher:
                                   max(settings.ota_max_bytes_per_second,
                                       settings.chunk_size_bytes))
         self.offers: dict[str, OfferInfo] = {}
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue(settings.chunk_queue_depth)
+        self.queue = ChunkQueue(settings.chunk_queue_depth)
+        self.cache = PayloadCache()
+        self._unaccounted: dict[str, int] = {}     # update id -> bytes sent, not yet written
+        self._accounted_at = time.monotonic()
         self.chunks_sent = 0
         self.bytes_sent = 0
         self.rejected_requests = 0
@@ -163,6 +174,7 @@ class Publisher:
                 pass
         self._workers.clear()
         self.lanes.clear()
+        self._flush_accounting()
 
     def set_rollout_rate(self, rollout: str, max_bytes_per_second: int, *,
                          chunk_size: int) -> None:
@@ -179,7 +191,7 @@ class Publisher:
         burst = max(rate, chunk_size)
         if lane is None:
             lane = self.lanes[rollout] = _Lane(rollout, rate, TokenBucket(rate, burst),
-                                               asyncio.Queue(self.settings.chunk_queue_depth))
+                                               ChunkQueue(self.settings.chunk_queue_depth))
         else:
             lane.rate = rate
             lane.bucket.set_rate(rate, burst)
@@ -191,6 +203,7 @@ class Publisher:
         for u in ids:
             self.offers.pop(u, None)
         self.cancelled |= ids
+        self.queue.drop(ids)
         lane = self.lanes.pop(rollout, None)
         if lane is not None and lane.task is not None:
             lane.task.cancel()
@@ -276,9 +289,9 @@ class Publisher:
                 if lane.task is None or lane.task.done():
                     lane.task = asyncio.create_task(self._worker(lane.queue, lane.bucket),
                                                     name=f"ota-lane-{info.rollout}")
-        try:
-            queue.put_nowait(_Job(info, indices))
-        except asyncio.QueueFull:
+        # one entry per download; a device only queues for its own live offer, so the room
+        # grows with the offers and a valid request is never refused (see module docstring)
+        if not queue.put(info.update_id, info, indices, capacity=len(self.offers)):
             self._reject(device_id, "chunk queue full; the agent will re-request")
 
     def _reject(self, device_id: str, reason: str) -> None:
@@ -318,49 +331,55 @@ class Publisher:
         self.offers[update_id] = info
         return info
 
-    async def _worker(self, queue: asyncio.Queue[_Job] | None = None,
+    async def _worker(self, queue: ChunkQueue | None = None,
                       bucket: TokenBucket | None = None) -> None:
         queue = queue or self.queue
         while True:
-            job = await queue.get()
+            info, idx = await queue.get()
             try:
-                await self._send(job, bucket)
+                await self._send(info, idx, bucket)
             except RetryLater as e:
-                log.warning("chunks for device %s update %s not sent: %s",
-                            job.info.device_id, job.info.update_id, e)
+                log.warning("chunk %d for device %s update %s not sent: %s", idx,
+                            info.device_id, info.update_id, e)
             except Exception:
-                log.exception("chunk worker error for device %s", job.info.device_id)
-            finally:
-                queue.task_done()
+                log.exception("chunk worker error for device %s", info.device_id)
+            if queue.empty() or time.monotonic() - self._accounted_at > ACCOUNT_EVERY_S:
+                try:
+                    self._flush_accounting()
+                except Exception:
+                    log.exception("bytes sent not recorded (retried)")
 
-    async def _send(self, job: _Job, rollout_bucket: TokenBucket | None = None) -> None:
-        info = job.info
+    async def _send(self, info: OfferInfo, idx: int,
+                    rollout_bucket: TokenBucket | None = None) -> None:
+        """One chunk, paced by the rollout's bucket (if any) and the fleet-wide one."""
         if info.update_id in self.cancelled:
             return                  # queued before its rollout was deleted
         topic = topics.device_topic(info.device_id, topics.CHUNK)
-        sent = 0
-        try:
-            with open(info.payload_path, "rb") as f:
-                for idx in job.indices:
-                    f.seek(idx * info.chunk_size)
-                    data = f.read(info.chunk_size)
-                    if rollout_bucket is not None:
-                        await rollout_bucket.take(len(data))   # the rollout's own cap first
-                    await self.bucket.take(len(data))
-                    msg = update_pb2.UpdateChunk(update_id=info.update_id, index=idx,
-                                                 total=info.total, data=data)
-                    await self._publish(topic, msg.SerializeToString(), retain=False)
-                    sent += len(data)
-                    self.chunks_sent += 1
-        finally:
-            if sent:
-                self.bytes_sent += sent
-                self._account(info.update_id, sent)
+        data = self.cache.chunk(info.payload_path, idx * info.chunk_size, info.chunk_size)
+        if rollout_bucket is not None:
+            await rollout_bucket.take(len(data))   # the rollout's own cap first
+        await self.bucket.take(len(data))
+        msg = update_pb2.UpdateChunk(update_id=info.update_id, index=idx, total=info.total,
+                                     data=data)
+        await self._publish(topic, msg.SerializeToString(), retain=False)
+        self.chunks_sent += 1
+        self.bytes_sent += len(data)
+        self._unaccounted[info.update_id] = self._unaccounted.get(info.update_id, 0) + len(data)
 
-    def _account(self, update_id: str, n: int) -> None:
-        with session_scope(self.engine) as s:
-            row = s.exec(select(DeviceRollout).where(
-                DeviceRollout.update_id == update_id)).first()
-            if row is not None:
-                row.bytes_sent += n
-                s.add(row)
+    def _flush_accounting(self) -> None:
+        """Add the bytes sent since the last flush to their DeviceRollout rows (one
+        transaction, an increment per update: the ingest's writes to the rows stay)."""
+        self._accounted_at = time.monotonic()
+        if not self._unaccounted:
+            return
+        todo, self._unaccounted = self._unaccounted, {}
+        try:
+            with session_scope(self.engine) as s:
+                conn = s.connection()
+                for uid, n in todo.items():
+                    conn.execute(update(DeviceRollout).where(col(DeviceRollout.update_id) == uid)
+                              .values(bytes_sent=col(DeviceRollout.bytes_sent) + n))
+        except Exception:
+            for uid, n in todo.items():          # keep them for the next flush
+                self._unaccounted[uid] = self._unaccounted.get(uid, 0) + n
+            raise

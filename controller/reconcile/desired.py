@@ -17,7 +17,9 @@ controller.reconcile.cleanup with the devices concerned. For each device it
 
 State lives in the ``DeviceDesired`` and ``DeviceOffer`` tables, so a restart neither
 republishes nor forgets. Level-triggered: a publish that fails (not connected) is retried
-on the next pass.
+on the next pass. Every pass compares all its devices, so the rows are read as plain
+columns in batches of :data:`_BATCH` devices (no ORM objects: a pass over 10,000 devices
+that changes nothing builds none) and only what changed is written.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
+from sqlalchemy import select as columns
 from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import col, select
 
@@ -60,19 +63,42 @@ def model_key(name: str, variant: str) -> str:
 def note_offer(db: DbEngine, device_id: str, update_id: str, *, key: str = "") -> None:
     """Remember that ``update_id`` is the offer retained for (device, model key) now."""
     with session_scope(db) as s:
-        if not key:
-            d = s.get(DeviceDesired, device_id) or DeviceDesired(device_id=device_id)
-            d.offer_update_id = update_id
-            s.add(d)
-            return
-        row = s.exec(select(DeviceOffer).where(DeviceOffer.device_id == device_id,
-                                               DeviceOffer.model_key == key)).first()
-        row = row or DeviceOffer(device_id=device_id, model_key=key)
-        row.update_id = update_id
-        s.add(row)
+        note_offer_in(s, device_id, update_id, key=key)
 
 
-def desired_models(targets: Iterable[DeviceTarget]) -> list[dict[str, Any]]:
+def note_offer_in(s: Any, device_id: str, update_id: str, *, key: str = "") -> None:
+    """:func:`note_offer` within the caller's session ``s``."""
+    if not key:
+        d = s.get(DeviceDesired, device_id) or DeviceDesired(device_id=device_id)
+        d.offer_update_id = update_id
+        s.add(d)
+        return
+    row = s.exec(select(DeviceOffer).where(DeviceOffer.device_id == device_id,
+                                           DeviceOffer.model_key == key)).first()
+    row = row or DeviceOffer(device_id=device_id, model_key=key)
+    row.update_id = update_id
+    s.add(row)
+
+
+class TargetFields(Protocol):
+    """What a DesiredModel is built from: a DeviceTarget row (or its columns)."""
+
+    model_name: str
+    variant: str
+    version: int
+    revision: int
+    engine_version: int
+    target_sha256: str
+    update_id: str
+
+
+_TARGET_COLS = [col(c) for c in (
+    DeviceTarget.device_id, DeviceTarget.model_name, DeviceTarget.variant, DeviceTarget.version,
+    DeviceTarget.revision, DeviceTarget.engine_version, DeviceTarget.target_sha256,
+    DeviceTarget.update_id)]
+
+
+def desired_models(targets: Iterable[TargetFields]) -> list[dict[str, Any]]:
     """DesiredModel fields of a device's targets, sorted by (name, variant)."""
     out = []
     for t in sorted(targets, key=lambda t: (t.model_name, t.variant)):
@@ -97,20 +123,27 @@ async def sync_devices(*, db: DbEngine, keys: KeyStore, publisher: Publisher,
     for i in range(0, len(ids), _BATCH):
         batch = ids[i:i + _BATCH]
         with session_scope(db) as s:
-            targets = s.exec(select(DeviceTarget).where(
-                col(DeviceTarget.device_id).in_(batch))).all()
-            known = {d.device_id: d for d in s.exec(select(DeviceDesired).where(
-                col(DeviceDesired.device_id).in_(batch))).all()}
-            offers = s.exec(select(DeviceOffer).where(
-                col(DeviceOffer.device_id).in_(batch), DeviceOffer.update_id != "")).all()
-            uids = {o.update_id for o in offers} | {d.offer_update_id for d in known.values()
-                                                     if d.offer_update_id}
-            states = {r.update_id: r.state for r in s.exec(select(DeviceRollout).where(
-                col(DeviceRollout.update_id).in_(uids))).all()} if uids else {}
-        by_dev: dict[str, list[DeviceTarget]] = {}
+            conn = s.connection()               # plain rows: nothing to build per device
+            targets: list[Any] = list(conn.execute(columns(*_TARGET_COLS).where(
+                col(DeviceTarget.device_id).in_(batch))))
+            known: dict[str, Any] = {d.device_id: d for d in conn.execute(columns(
+                col(DeviceDesired.device_id), col(DeviceDesired.digest),
+                col(DeviceDesired.generation), col(DeviceDesired.offer_update_id)).where(col(DeviceDesired.device_id).in_(batch)))}
+            offers: list[Any] = list(conn.execute(columns(
+                col(DeviceOffer.id), col(DeviceOffer.device_id), col(DeviceOffer.model_key),
+                col(DeviceOffer.update_id)).where(col(DeviceOffer.device_id).in_(batch),
+                                             col(DeviceOffer.update_id) != "")))
+            uids = sorted({o.update_id for o in offers}
+                          | {d.offer_update_id for d in known.values() if d.offer_update_id})
+            states: dict[str, DeviceRolloutState] = {}
+            for j in range(0, len(uids), _BATCH):
+                states.update({r.update_id: r.state for r in conn.execute(columns(
+                    col(DeviceRollout.update_id), col(DeviceRollout.state)).where(
+                    col(DeviceRollout.update_id).in_(uids[j:j + _BATCH])))})
+        by_dev: dict[str, list[Any]] = {}
         for t in targets:
             by_dev.setdefault(t.device_id, []).append(t)
-        offers_by: dict[str, list[DeviceOffer]] = {}
+        offers_by: dict[str, list[Any]] = {}
         for o in offers:
             offers_by.setdefault(o.device_id, []).append(o)
         for dev in batch:
@@ -126,8 +159,7 @@ async def sync_devices(*, db: DbEngine, keys: KeyStore, publisher: Publisher,
 
 
 async def _sync_one(db: DbEngine, keys: KeyStore, publisher: Publisher, dev: str,
-                    targets: list[DeviceTarget], known: DeviceDesired | None,
-                    now_ms: int) -> int:
+                    targets: list[Any], known: Any | None, now_ms: int) -> int:
     models = desired_models(targets)
     digest = _digest(models)
     if (known.digest if known else "") == digest or (not models and known is None):
@@ -149,8 +181,7 @@ async def _sync_one(db: DbEngine, keys: KeyStore, publisher: Publisher, dev: str
 
 
 async def _clear_finished(db: DbEngine, publisher: Publisher, dev: str,
-                          offers: list[DeviceOffer], known: DeviceDesired | None,
-                          targets: list[DeviceTarget],
+                          offers: list[Any], known: Any | None, targets: list[Any],
                           states: dict[str, DeviceRolloutState]) -> int:
     live = {t.update_id for t in targets if t.update_id}
     n = 0

@@ -9,14 +9,16 @@ manifest (controller.ota.offers) binds version, revision, engine version and the
 on-device accuracy probe; it is signed and published retained on the device's per-model
 offer topic. The DeviceRollout row (keyed by update id) is the offer's record: the ingest
 moves its state, the publisher answers chunk requests from it; it is history, never a
-status.
+status. Devices sharing a base share the planned payload (planner.known_payload), its chunk
+hashes (offers.chunk_hashes) and the engine row (OfferParams.engines, per pass), so only
+the first offer of a pass plans or hashes anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlmodel import select
@@ -31,7 +33,7 @@ from controller.fleet.models import (
 )
 from controller.ota import offers
 from controller.ota.publisher import OfferInfo
-from controller.reconcile.desired import model_key, note_offer
+from controller.reconcile.desired import model_key, note_offer_in
 from controller.reconcile.targets import in_slots, served
 from protos.edgefleet.v1 import update_pb2
 
@@ -46,6 +48,9 @@ class OfferParams:
     ttl_s: int
     probe: update_pb2.ProbeSpec | None = None
     shadow: update_pb2.ShadowSpec | None = None
+    # engine sha256 -> (fingerprint, signature) of its Engine row, read once per pass
+    engines: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(
+        default_factory=dict, compare=False, repr=False)
 
 
 def shadow_spec(gate_shadow: dict[str, Any] | None) -> update_pb2.ShadowSpec | None:
@@ -73,27 +78,34 @@ async def offer(ctx: Any, t: DeviceTarget, dev: Device, p: OfferParams, *,
     """Plan, sign, record and publish the offer for target ``t``; returns its row (None
     when the target changed or changed owner while the payload was planned)."""
     target = t.target_sha256
-    with session_scope(ctx.db) as s:
-        erow = s.exec(select(Engine).where(Engine.engine_sha256 == target)).first()
-    fp = dict(erow.fingerprint) if erow else {}
-    sig = dict(erow.signature) if erow else {}
+    if target not in p.engines:
+        with session_scope(ctx.db) as s:
+            erow = s.exec(select(Engine).where(Engine.engine_sha256 == target)).first()
+        p.engines[target] = (dict(erow.fingerprint) if erow else {},
+                             dict(erow.signature) if erow else {})
+    fp, sig = p.engines[target]
     cur = served(dev, t.model_name, t.variant)
     if in_slots(dev, target):
         payload = offers.slot_payload(target)
-    else:
-        payload = await asyncio.to_thread(ctx.planner.payload_for, base_sha256=cur.sha256,
-                                          target_sha256=target)
+    else:      # devices sharing a base share the payload: planned (in a thread) once
+        payload = ctx.planner.known_payload(base_sha256=cur.sha256, target_sha256=target) \
+            or await asyncio.to_thread(ctx.planner.payload_for, base_sha256=cur.sha256,
+                                       target_sha256=target)
     update_id = offers.make_update_id(p.rollout, dev.device_id, t.version, payload.sha256,
                                       p.chunk_size, variant=t.variant, revision=t.revision,
                                       target_sha256=target, round_=t.retry)
-    manifest = await asyncio.to_thread(
-        offers.build_manifest, update_id=update_id, device_id=dev.device_id,
+    kw: dict[str, Any] = dict(
+        update_id=update_id, device_id=dev.device_id,
         device_class=dev.device_class, model_name=t.model_name, version=t.version,
         target_sha256=target, target_size=ctx.planner.store.size(target), payload=payload,
         chunk_size=p.chunk_size, ttl_s=p.ttl_s, fingerprint=fp, signature=sig,
         rollout=p.rollout, variant=t.variant, revision=t.revision,
         engine_version=t.engine_version,
         probe=p.probe if not t.variant and t.reason in ("rollout", "undo") else None)
+    if offers.hashes_known(payload.path, p.chunk_size):    # the chunk hashes are cached
+        manifest = offers.build_manifest(**kw)
+    else:                                                   # hashing the payload: a thread
+        manifest = await asyncio.to_thread(offers.build_manifest, **kw)
     if p.shadow is not None and not t.variant and t.reason == "rollout" and cur.sha256:
         manifest.shadow.CopyFrom(p.shadow)      # compared with the engine it serves now
     env = ctx.keys.sign(manifest)
@@ -134,8 +146,8 @@ async def offer(ctx: Any, t: DeviceTarget, dev: Device, p: OfferParams, *,
                      payload.size, p.chunk_size, rollout=p.rollout,
                      max_bytes_per_second=p.max_bytes_per_second)
     await ctx.publisher.publish_offer(dev.device_id, env, info, model_key=key)
-    note_offer(ctx.db, dev.device_id, update_id, key=key)
     with session_scope(ctx.db) as s:
+        note_offer_in(s, dev.device_id, update_id, key=key)
         fresh_row = s.exec(select(DeviceRollout).where(
             DeviceRollout.update_id == update_id,
             DeviceRollout.device_id == dev.device_id)).one()

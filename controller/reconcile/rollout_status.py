@@ -6,6 +6,13 @@ only, so ``updated/targeted`` never exceeds the fleet; earlier releases are list
 ``history`` (and ``previousVersion`` is what ``edgefleet rollout undo`` goes back to).
 Messages say what is true: a paused rollout counts offers in flight apart from devices
 that were never offered; the word "rollback" is used only for rollbacks.
+
+Big fleets: the per-device map ``devices`` lists at most :data:`DEVICE_DETAIL_LIMIT`
+devices, the ones that need attention first (failed, stalled, in progress, ...; then by id),
+and ``deviceDetail`` says how many were left out with exact per-state counts; the counters
+are always exact. ``unsupported`` is capped the same way (``unsupportedCount`` exact). So
+the status document stays small (the core copies and compares it on every pass) however
+many devices the rollout covers.
 """
 
 from __future__ import annotations
@@ -27,19 +34,49 @@ IN_PROGRESS = {"offered", "downloading", "verifying", "patching", "staged", "act
 FAILED = {"failed", "rolled_back"}
 MAX_HISTORY = 20
 ABORTED = "Aborted"
+DEVICE_DETAIL_LIMIT = 200
+# which devices the capped ``devices`` map keeps first
+_ATTENTION = ["failed", "rolled_back", "stalled", "activating", "staged", "patching",
+              "verifying", "downloading", "offered", "backed_out", "pending", "superseded",
+              "updated"]
+
+
+def cap_devices(devices: dict[str, dict[str, Any]], limit: int = DEVICE_DETAIL_LIMIT
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The per-device map cut to ``limit`` entries (attention first, then by id) and the
+    ``deviceDetail`` summary: total, shown, omitted and exact counts per state."""
+    by_state: dict[str, int] = {}
+    for v in devices.values():
+        st = str(v.get("state") or "")
+        by_state[st] = by_state.get(st, 0) + 1
+    detail: dict[str, Any] = {"total": len(devices), "limit": limit,
+                              "byState": dict(sorted(by_state.items()))}
+    if len(devices) <= limit:
+        detail.update(shown=len(devices), omitted=0)
+        return devices, detail
+    rank = {st: i for i, st in enumerate(_ATTENTION)}
+    keep = sorted(devices, key=lambda d: (rank.get(str(devices[d].get("state")), -1), d))
+    shown = {d: devices[d] for d in sorted(keep[:limit])}
+    detail.update(shown=len(shown), omitted=len(devices) - len(shown))
+    return shown, detail
+
+
+def cap_list(items: list[str], limit: int = DEVICE_DETAIL_LIMIT) -> list[str]:
+    return items if len(items) <= limit else items[:limit]
 
 
 def pending_status(spec: RolloutSpec, prev: dict[str, Any], now: int, reason: str, msg: str,
                    *, superseded: dict[str, str] | None = None,
                    unsupported: list[str] | None = None) -> dict[str, Any]:
     """Status of a rollout that cannot ship anything yet (model missing, compiling...)."""
+    devices, detail = cap_devices({d: {"state": "superseded", "reason": f"owned by {o}"}
+                                   for d, o in sorted((superseded or {}).items())})
     out: dict[str, Any] = {
         "observedGeneration": spec.generation, "phase": ResourcePhase.PENDING.value,
         "message": msg, "targeted": 0, "updated": 0, "failed": 0, "stalled": 0,
-        "superseded": len(superseded or {}), "devices": {
-            d: {"state": "superseded", "reason": f"owned by {o}"}
-            for d, o in sorted((superseded or {}).items())},
-        "unsupported": unsupported or [], "observedRetry": spec.retry,
+        "superseded": len(superseded or {}), "devices": devices, "deviceDetail": detail,
+        "unsupported": cap_list(unsupported or []),
+        "unsupportedCount": len(unsupported or []), "observedRetry": spec.retry,
         "history": list(prev.get("history") or []),
         "conditions": [condition(prev, "Progressing", False, reason, msg,
                                  generation=spec.generation, now_ms=now)]}
@@ -84,6 +121,7 @@ def build_status(spec: RolloutSpec, prev: dict[str, Any], now: int, *, rel: Any,
                                       for name, v in sorted(per.items())}
     for d, owner in sorted(superseded.items()):
         devices[d] = {"state": "superseded", "reason": f"owned by the newer rollout {owner}"}
+    devices, detail = cap_devices(devices)
     waves = []
     for wi, w in enumerate(spec.waves):
         wv = [v for v in vals if v.wave == wi]
@@ -159,7 +197,8 @@ def build_status(spec: RolloutSpec, prev: dict[str, Any], now: int, *, rel: Any,
         "inProgress": moving, "pending": count["pending"], "backedOut": count["backed_out"],
         "superseded": len(superseded), "bytesSent": sum(v.attempt.bytes_sent for v in vals if v.attempt is not None),
         "bytesSentTotal": _bytes(db, spec.key),
-        "devices": devices, "waves": waves, "unsupported": unsupported,
+        "devices": devices, "deviceDetail": detail, "waves": waves,
+        "unsupported": cap_list(unsupported), "unsupportedCount": len(unsupported),
         "history": hist, "observedRetry": spec.retry, "message": message,
         "variants": {"targeted": len(vviews),
                      "updated": sum(v.state == "updated" for v in vviews),

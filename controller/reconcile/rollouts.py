@@ -20,6 +20,12 @@ a device twice:
 4. status: the comparison of desired and observed for the current release only (counters
    never exceed the fleet), history apart; then the devices' DesiredStates and finished
    offers (controller.reconcile.desired).
+
+Cost: a pass reads its rows in a few bulk queries (controller.reconcile.passdata: devices,
+members, every target of the model and the offers they reference) and writes only what
+changed, so a pass over 10,000 devices with nothing changed runs a few dozen statements;
+the status lists at most ``DEVICE_DETAIL_LIMIT`` devices (rollout_status.cap_devices) with
+exact counts.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from controller.ota.publisher import Publisher
 from controller.reconcile import gates as gating
 from controller.reconcile import offering
 from controller.reconcile.desired import sync_devices
+from controller.reconcile.passdata import PassData, read_devices, read_rows
 from controller.reconcile.rollout_status import build_status, pending_status
 from controller.reconcile.spec import RolloutSpec, owner_order
 from controller.reconcile.targets import DeviceView, reached, served, view
@@ -110,8 +117,7 @@ def select_devices(spec: RolloutSpec, classes: list[str], db: DbEngine) -> list[
     sel = spec.selector
     want_classes = set(sel.device_classes or classes)
     want_ids = set(sel.devices)
-    with session_scope(db) as s:
-        rows = s.exec(select(Device).where(col(Device.device_class).in_(want_classes))).all()
+    rows = read_devices(db, col(Device.device_class).in_(want_classes))   # read-only rows
     out = [d for d in rows if (not want_ids or d.device_id in want_ids)
            and all(str((d.labels or {}).get(k)) == v for k, v in sel.match_labels.items())]
     return sorted(out, key=lambda d: d.device_id)
@@ -231,6 +237,7 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
         ttl_s=min(ctx.settings.offer_ttl_s, max(deadline * 6, 300)),
         probe=await asyncio.to_thread(_probe, ctx, model) if rel.reason == "rollout" else None)
     active = not spec.paused and not spec.aborted
+    pd = await asyncio.to_thread(PassData, ctx.db, rel.model)   # every target, few queries
     views: dict[str, DeviceView] = {}
     wave_results: dict[int, gating.GateResult] = {}
     blocked: tuple[int, str] | None = None          # (wave, why) where the walk stopped
@@ -240,10 +247,11 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
         g = gates.get(wi)
         if active or g is not None:
             wparams = dataclasses.replace(params, shadow=offering.shadow_spec(wave.gate.shadow))
-            await _targets_for(ctx, spec, rel, [owned[d] for d in wdevs], wi, wparams, now,
-                               offer=active and (g is None or g.verdict == "passed"))
+            await _targets_for(ctx, pd, spec, rel, [owned[d] for d in wdevs], wi, wparams,
+                               now, offer=active and (g is None or g.verdict == "passed"))
         for d in wdevs:
-            views[d] = _view(ctx, spec, rel, d, wi, owned.get(d), now, deadline, hb_ms)
+            views[d] = _view(pd, spec, rel, d, wi, owned.get(d), now, deadline, hb_ms)
+        pd.flush()
         if g is not None and g.verdict == "passed":
             wave_results[wi] = gating.GateResult("passed", g.message, dict(g.signals))
             continue
@@ -268,54 +276,50 @@ async def reconcile_rollout(resource: dict[str, Any], ctx: RolloutContext) -> di
         break
     for d, m in members.items():                      # waves not reached: not offered
         if d not in views:
-            views[d] = _view(ctx, spec, rel, d, m.wave, owned.get(d), now, deadline, hb_ms,
+            views[d] = _view(pd, spec, rel, d, m.wave, owned.get(d), now, deadline, hb_ms,
                              open_=False)
+    pd.flush()
     if failed_gate is not None and not failed_gate.acted:
-        await _back_out(ctx, spec, rel, failed_gate, members, owned, now)
+        await _back_out(ctx, pd, spec, rel, failed_gate, members, owned, now)
     if spec.aborted:
-        await _abort(ctx, spec, rel, owned, now)
+        await _abort(ctx, pd, spec, rel, owned, now)
     back = sorted(owned) if spec.aborted else (
         [d for d, m in members.items() if failed_gate is not None and m.wave == failed_gate.wave]
     )
     if back:                        # ship the previous engines (also while paused)
-        await _offer_moved_back(ctx, rel, [owned[d] for d in back if d in owned], members,
-                                params)
+        await _offer_moved_back(ctx, pd, rel, [owned[d] for d in back if d in owned],
+                                members, params)
         for d in back:
             if d in members:
-                views[d] = _view(ctx, spec, rel, d, members[d].wave, owned.get(d), now,
+                views[d] = _view(pd, spec, rel, d, members[d].wave, owned.get(d), now,
                                  deadline, hb_ms)
+        pd.flush()
     if active:
-        await _variants(ctx, spec, rel, views, owned, params, now)
-    _device_events(ctx, spec, prev, views, superseded, now)
+        await _variants(ctx, pd, spec, rel, views, owned, params, now)
+    _device_events(ctx, spec, resource, views, superseded, now)
     await sync_devices(db=ctx.db, keys=ctx.keys, publisher=ctx.publisher,
                        device_ids=list(owned), now_ms=ctx.now_ms())
-    variants = _variant_views(ctx, spec, rel, owned, now, deadline, hb_ms)
+    variants = _variant_views(pd, spec, rel, owned, now, deadline, hb_ms)
     st = build_status(spec, prev, now, rel=rel, views=views, wave_results=wave_results,
                       blocked=blocked, failed_gate=failed_gate, superseded=superseded,
                       unsupported=unsupported, db=ctx.db, variants=variants)
     return st
 
 
-def _variant_views(ctx: RolloutContext, spec: RolloutSpec, rel: Release,
+def _variant_views(pd: PassData, spec: RolloutSpec, rel: Release,
                    owned: dict[str, Device], now: int, deadline: int,
                    hb_ms: int) -> dict[str, dict[str, DeviceView]]:
     """Device id -> variant name -> view, for the release's variant targets."""
     if not rel.variants:
         return {}
     out: dict[str, dict[str, DeviceView]] = {}
-    with session_scope(ctx.db) as s:
-        rows = s.exec(select(DeviceTarget).where(DeviceTarget.model_name == rel.model,
-                                                 DeviceTarget.variant != "",
-                                                 DeviceTarget.rollout == spec.key,
-                                                 DeviceTarget.version == rel.version)).all()
-        for t in rows:
-            if t.device_id not in owned or t.variant not in rel.variants:
-                continue
-            a = offering.attempt_of(s, t)
-            out.setdefault(t.device_id, {})[t.variant] = view(
-                device_id=t.device_id, wave=0, device=owned[t.device_id], target=t,
-                attempt=a, model=rel.model, now_ms=now, deadline_s=deadline,
-                heartbeat_ms=hb_ms)
+    for (dev_id, variant), t in sorted(pd.targets.items()):
+        if (not variant or t.rollout != spec.key or t.version != rel.version
+                or dev_id not in owned or variant not in rel.variants):
+            continue
+        out.setdefault(dev_id, {})[variant] = view(
+            device_id=dev_id, wave=0, device=owned[dev_id], target=t, attempt=pd.attempt(t),
+            model=rel.model, now_ms=now, deadline_s=deadline, heartbeat_ms=hb_ms)
     return out
 
 
@@ -346,15 +350,17 @@ def _members(ctx: RolloutContext, spec: RolloutSpec, owned: dict[str, Device],
              gates: dict[int, WaveGate], now: int) -> dict[str, RolloutMember]:
     """Wave of every owned device; new devices get one (initial split, or a late join)."""
     plan = ",".join(f"{w.count}/{w.percent}" for w in spec.waves)
-    with session_scope(ctx.db) as s:
-        rows = s.exec(select(RolloutMember).where(RolloutMember.rollout == spec.key)).all()
-        if any(m.plan != plan for m in rows):      # the waves changed: split again
-            for m in rows:
+    rows: list[Any] = read_rows(ctx.db, RolloutMember, RolloutMember.rollout == spec.key,
+                                fields=("device_id", "wave", "plan"))
+    have: dict[str, Any] = {m.device_id: m for m in rows}
+    if any(m.plan != plan for m in rows):          # the waves changed: split again
+        with session_scope(ctx.db) as s:
+            for m in s.exec(select(RolloutMember).where(RolloutMember.rollout == spec.key)):
                 s.delete(m)
-            rows = []
-        have = {m.device_id: m for m in rows}
-        new = [d for d in sorted(owned) if d not in have]
-        if new:
+        have = {}
+    new = [d for d in sorted(owned) if d not in have]
+    if new:
+        with session_scope(ctx.db) as s:
             if not have:
                 bounds = wave_bounds(spec, len(new))
                 for pos, d in enumerate(new):
@@ -382,37 +388,36 @@ def _new_pair(t: DeviceTarget | None, dev: Device, model: str, variant: str,
     return (version, 0) if version > base[0] else (base[0], base[1] + 1)
 
 
-async def _targets_for(ctx: RolloutContext, spec: RolloutSpec, rel: Release,
+async def _targets_for(ctx: RolloutContext, pd: PassData, spec: RolloutSpec, rel: Release,
                        devs: list[Device], wave: int, params: offering.OfferParams,
                        now: int, *, offer: bool) -> None:
     """Set the release's target on each device of an open wave and offer what is missing."""
     todo: list[tuple[DeviceTarget, Device]] = []
     newer = _newer_rollouts(spec, ctx)       # listed now: one may have appeared this pass
-    with session_scope(ctx.db) as s:
+    with session_scope(ctx.db) as s:         # written to only for targets that change
         for dev in devs:
             eng = rel.engines.get(dev.device_class)
             if eng is None:
                 continue
-            t = s.exec(select(DeviceTarget).where(DeviceTarget.device_id == dev.device_id,
-                                                  DeviceTarget.model_name == rel.model,
-                                                  DeviceTarget.variant == "")).first()
+            t = pd.target(dev.device_id)
             if t is not None and t.rollout in newer:
                 continue                       # a newer rollout owns it now
-            t = _want(s, t, dev, rel, spec, str(eng["sha256"]), now)
+            t = _want(s, pd, t, dev, rel, spec, str(eng["sha256"]), now)
             if t is not None:
+                pd.put_target(t)
                 todo.append((t, dev))
     if not offer:
         return
     for t, dev in todo:
         try:
-            await _offer_if_needed(ctx, t, dev, params, wave=wave)
+            await _offer_if_needed(ctx, pd, t, dev, params, wave=wave)
         except RetryLater as e:
             log.info("offer to %s deferred: %s", dev.device_id, e)
             return
 
 
-def _want(s: Any, t: DeviceTarget | None, dev: Device, rel: Release, spec: RolloutSpec,
-          sha: str, now: int) -> DeviceTarget | None:
+def _want(s: Any, pd: PassData, t: DeviceTarget | None, dev: Device, rel: Release,
+          spec: RolloutSpec, sha: str, now: int) -> DeviceTarget | None:
     """The device's target for this release (created or moved as the policy says)."""
     ev = rel.engine_version
     if t is not None and t.rollout == spec.key and t.version == rel.version:
@@ -424,7 +429,7 @@ def _want(s: Any, t: DeviceTarget | None, dev: Device, rel: Release, spec: Rollo
         elif t.target_sha256 == sha and (t.engine_version or t.version) == ev:
             if spec.retry > t.retry:                   # retry: re-offer a failed attempt
                 t.retry, t.progress_ms = spec.retry, now
-                a = offering.attempt_of(s, t)
+                a = pd.attempt(t)
                 if a is not None and a.state in (DeviceRolloutState.FAILED,
                                                  DeviceRolloutState.ROLLED_BACK):
                     t.update_id = ""
@@ -459,13 +464,12 @@ def _want(s: Any, t: DeviceTarget | None, dev: Device, rel: Release, spec: Rollo
     return t
 
 
-async def _offer_if_needed(ctx: RolloutContext, t: DeviceTarget, dev: Device,
+async def _offer_if_needed(ctx: RolloutContext, pd: PassData, t: DeviceTarget, dev: Device,
                            params: offering.OfferParams, *, wave: int) -> None:
     srv = served(dev, t.model_name, t.variant)
     if srv.sha256 == t.target_sha256 and srv.pair == (t.version, t.revision):
         return
-    with session_scope(ctx.db) as s:
-        a = offering.attempt_of(s, t)
+    a = pd.attempt(t)
     now = ctx.now_ms()
     if a is not None and a.state == DeviceRolloutState.OFFERED and a.offered_ms and (
             now > a.offered_ms + params.ttl_s * 1000):
@@ -474,7 +478,7 @@ async def _offer_if_needed(ctx: RolloutContext, t: DeviceTarget, dev: Device,
                                            DeviceRolloutState.CANCELLED):
         return
     try:
-        await offering.offer(ctx, t, dev, params, wave=wave)
+        pd.put_attempt(await offering.offer(ctx, t, dev, params, wave=wave))
     except RetryLater:
         raise
     except Exception as e:
@@ -484,29 +488,26 @@ async def _offer_if_needed(ctx: RolloutContext, t: DeviceTarget, dev: Device,
                                              f"be built: {e}", now_ms=now)
 
 
-def _view(ctx: RolloutContext, spec: RolloutSpec, rel: Release, dev_id: str, wave: int,
+def _view(pd: PassData, spec: RolloutSpec, rel: Release, dev_id: str, wave: int,
           dev: Device | None, now: int, deadline: int, hb_ms: int, *,
           open_: bool = True) -> DeviceView:
-    with session_scope(ctx.db) as s:
-        t = s.exec(select(DeviceTarget).where(DeviceTarget.device_id == dev_id,
-                                              DeviceTarget.model_name == rel.model,
-                                              DeviceTarget.variant == "")).first()
-        if t is not None and (t.rollout != spec.key or t.version != rel.version
-                              or not open_ and t.reason == "rollout"
-                              and (t.engine_version or t.version) != rel.engine_version):
-            t = None
-        a = offering.attempt_of(s, t) if t is not None else None
-        if t is not None:
-            v = view(device_id=dev_id, wave=wave, device=dev, target=t, attempt=a,
-                     model=rel.model, now_ms=now, deadline_s=deadline, heartbeat_ms=hb_ms)
-            if v.state in ("updated", "backed_out") and not t.reached_ms:
-                t.reached_ms = now
-                s.add(t)
-                v.reached_ms = now
-            elif v.state not in ("updated", "backed_out") and t.reached_ms:
-                t.reached_ms = None
-                s.add(t)
-            return v
+    """The device's view; a changed ``reached_ms`` is marked for ``pd.flush()``."""
+    t = pd.target(dev_id)
+    if t is not None and (t.rollout != spec.key or t.version != rel.version
+                          or not open_ and t.reason == "rollout"
+                          and (t.engine_version or t.version) != rel.engine_version):
+        t = None
+    if t is not None:
+        v = view(device_id=dev_id, wave=wave, device=dev, target=t, attempt=pd.attempt(t),
+                 model=rel.model, now_ms=now, deadline_s=deadline, heartbeat_ms=hb_ms)
+        if v.state in ("updated", "backed_out") and not t.reached_ms:
+            t.reached_ms = now
+            pd.mark(t)
+            v.reached_ms = now
+        elif v.state not in ("updated", "backed_out") and t.reached_ms:
+            t.reached_ms = None
+            pd.mark(t)
+        return v
     return view(device_id=dev_id, wave=wave, device=dev, target=None, attempt=None,
                 model=rel.model, now_ms=now, deadline_s=deadline, heartbeat_ms=hb_ms)
 
@@ -537,15 +538,15 @@ def _decide(ctx: RolloutContext, spec: RolloutSpec, rel: Release, wave: int,
     return g
 
 
-async def _back_out(ctx: RolloutContext, spec: RolloutSpec, rel: Release, g: WaveGate,
-                    members: dict[str, RolloutMember], owned: dict[str, Device],
+async def _back_out(ctx: RolloutContext, pd: PassData, spec: RolloutSpec, rel: Release,
+                    g: WaveGate, members: dict[str, RolloutMember], owned: dict[str, Device],
                     now: int) -> None:
     """A failed gate: the wave's devices return to their previous engine (onFailure
     rollback) as a higher revision; then the decision is marked acted on."""
     wave_devs = [d for d, m in members.items() if m.wave == g.wave and d in owned]
     n = 0
     if spec.on_failure == "rollback":
-        n = _move_back(ctx, spec, rel, wave_devs, owned, now, reason="backout")
+        n = _move_back(ctx, pd, spec, rel, wave_devs, owned, now, reason="backout")
     with session_scope(ctx.db) as s:
         fresh = s.get(WaveGate, g.id)
         if fresh is not None:
@@ -560,48 +561,43 @@ async def _back_out(ctx: RolloutContext, spec: RolloutSpec, rel: Release, g: Wav
                             "remaining waves are not offered")
 
 
-async def _offer_moved_back(ctx: RolloutContext, rel: Release, devs: list[Device],
-                            members: dict[str, RolloutMember],
+async def _offer_moved_back(ctx: RolloutContext, pd: PassData, rel: Release,
+                            devs: list[Device], members: dict[str, RolloutMember],
                             params: offering.OfferParams) -> None:
     """Offer the previous engine to devices whose target was moved back (no probe)."""
     back = dataclasses.replace(params, probe=None)
     for dev in devs:
-        with session_scope(ctx.db) as s:
-            t = s.exec(select(DeviceTarget).where(DeviceTarget.device_id == dev.device_id,
-                                                  DeviceTarget.model_name == rel.model,
-                                                  DeviceTarget.variant == "")).first()
+        t = pd.target(dev.device_id)
         if t is None or t.reason not in ("backout", "abort"):
             continue
         try:
-            await _offer_if_needed(ctx, t, dev, back, wave=members[dev.device_id].wave)
+            await _offer_if_needed(ctx, pd, t, dev, back, wave=members[dev.device_id].wave)
         except RetryLater as e:
             log.info("offer of the previous engine to %s deferred: %s", dev.device_id, e)
             return
 
 
-async def _abort(ctx: RolloutContext, spec: RolloutSpec, rel: Release,
+async def _abort(ctx: RolloutContext, pd: PassData, spec: RolloutSpec, rel: Release,
                  owned: dict[str, Device], now: int) -> None:
-    n = _move_back(ctx, spec, rel, sorted(owned), owned, now, reason="abort")
+    n = _move_back(ctx, pd, spec, rel, sorted(owned), owned, now, reason="abort")
     if n:
         events.emit(ctx.db, kind="EdgeRollout", name=spec.key, reason=events.ROLLED_BACK,
                     type_="Warning", now_ms=now,
                     message=f"aborted: {n} device(s) return to their previous engine")
 
 
-def _move_back(ctx: RolloutContext, spec: RolloutSpec, rel: Release, devs: list[str],
-               owned: dict[str, Device], now: int, *, reason: str) -> int:
+def _move_back(ctx: RolloutContext, pd: PassData, spec: RolloutSpec, rel: Release,
+               devs: list[str], owned: dict[str, Device], now: int, *, reason: str) -> int:
     """Targets of ``devs`` set by this release go back to the previous engine."""
     n = 0
     with session_scope(ctx.db) as s:
         for d in devs:
-            t = s.exec(select(DeviceTarget).where(DeviceTarget.device_id == d,
-                                                  DeviceTarget.model_name == rel.model,
-                                                  DeviceTarget.variant == "")).first()
+            t = pd.target(d)
             if (t is None or t.rollout != spec.key or t.reason in ("backout", "abort")
                     or t.version != rel.version or not t.prev_sha256):
                 continue
             srv = served(owned.get(d), rel.model)
-            a = offering.attempt_of(s, t)
+            a = pd.attempt(t)
             offered = a is not None and a.state not in (DeviceRolloutState.PENDING,
                                                          DeviceRolloutState.CANCELLED)
             if t.target_sha256 == t.prev_sha256 and reached(t, srv):
@@ -625,7 +621,7 @@ def _move_back(ctx: RolloutContext, spec: RolloutSpec, rel: Release, devs: list[
     return n
 
 
-async def _variants(ctx: RolloutContext, spec: RolloutSpec, rel: Release,
+async def _variants(ctx: RolloutContext, pd: PassData, spec: RolloutSpec, rel: Release,
                     views: dict[str, DeviceView], owned: dict[str, Device],
                     params: offering.OfferParams, now: int) -> None:
     """Lighter variants (EdgeModel spec.variants), for devices that run the main engine."""
@@ -637,37 +633,51 @@ async def _variants(ctx: RolloutContext, spec: RolloutSpec, rel: Release,
             eng = engines.get(dev.device_class)
             if eng is None:
                 continue
-            with session_scope(ctx.db) as s:
-                t = s.exec(select(DeviceTarget).where(DeviceTarget.device_id == dev_id,
-                                                      DeviceTarget.model_name == rel.model,
-                                                      DeviceTarget.variant == vname)).first()
-                if t is None or t.version < rel.version or t.target_sha256 != eng["sha256"]:
-                    pair = _new_pair(t, dev, rel.model, vname, rel.version)
-                    t = t or DeviceTarget(device_id=dev_id, model_name=rel.model,
-                                          variant=vname)
-                    t.version, t.revision = pair
-                    t.engine_version, t.target_sha256 = rel.engine_version, str(eng["sha256"])
-                    t.rollout, t.reason, t.set_ms, t.progress_ms = spec.key, "rollout", now, now
-                    t.update_id, t.reached_ms = "", None
+            t = pd.target(dev_id, vname)
+            if t is None or t.version < rel.version or t.target_sha256 != eng["sha256"]:
+                pair = _new_pair(t, dev, rel.model, vname, rel.version)
+                t = t or DeviceTarget(device_id=dev_id, model_name=rel.model, variant=vname)
+                t.version, t.revision = pair
+                t.engine_version, t.target_sha256 = rel.engine_version, str(eng["sha256"])
+                t.rollout, t.reason, t.set_ms, t.progress_ms = spec.key, "rollout", now, now
+                t.update_id, t.reached_ms = "", None
+                with session_scope(ctx.db) as s:
                     s.add(t)
+                pd.put_target(t)
             try:
-                await _offer_if_needed(ctx, t, dev, params, wave=v.wave)
+                await _offer_if_needed(ctx, pd, t, dev, params, wave=v.wave)
             except RetryLater as e:
                 log.info("variant offer to %s deferred: %s", dev_id, e)
                 return
 
 
-def _device_events(ctx: RolloutContext, spec: RolloutSpec, prev: dict[str, Any],
+# rollout uid -> device -> state of the last pass: the status lists only some devices of a
+# big fleet (rollout_status.cap_devices); after a restart the status is the memory
+_LAST_STATES: dict[str, dict[str, str]] = {}
+_MAX_REMEMBERED = 256
+
+
+def _device_events(ctx: RolloutContext, spec: RolloutSpec, resource: dict[str, Any],
                    views: dict[str, DeviceView], superseded: dict[str, str], now: int) -> None:
-    """Events on per-device transitions seen against the previous status."""
-    before = prev.get("devices") or {}
+    """Events on per-device transitions seen against the previous pass."""
+    uid = str((resource.get("metadata") or {}).get("uid") or spec.key)
+    before = _LAST_STATES.get(uid)
+    if before is None:
+        before = {d: str(v.get("state") or "") for d, v in
+                  ((resource.get("status") or {}).get("devices") or {}).items()
+                  if isinstance(v, dict)}
+    _LAST_STATES.pop(uid, None)
+    while len(_LAST_STATES) >= _MAX_REMEMBERED:
+        _LAST_STATES.pop(next(iter(_LAST_STATES)))
+    _LAST_STATES[uid] = {**{d: v.state for d, v in views.items()},
+                         **{d: "superseded" for d in superseded}}
     for d, owner in superseded.items():
-        if (before.get(d) or {}).get("state") != "superseded":
+        if before.get(d) != "superseded":
             events.emit(ctx.db, kind="EdgeRollout", name=spec.key, reason=events.SUPERSEDED,
                         now_ms=now, message=f"device {d} is now owned by the newer rollout "
                                             f"{owner}")
     for d, v in views.items():
-        old = (before.get(d) or {}).get("state")
+        old = before.get(d)
         if v.state == old:
             continue
         if v.state == "stalled":
