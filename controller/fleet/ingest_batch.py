@@ -28,6 +28,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError, Message
 from sqlalchemy import bindparam, delete, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -136,6 +137,7 @@ class Result:
 
     changed: bool = False
     garbage: list[tuple[str, str, str]] = field(default_factory=list)  # device, reason, why
+    events: list[dict[str, Any]] = field(default_factory=list)         # written with the rows
 
 
 def parse_heartbeat(payload: bytes, device_id: str, max_models: int) -> Any:
@@ -200,8 +202,10 @@ class BatchWriter:
             self._metrics(s, batch, res, now)
             self._statuses(s, batch, res, failed, now)
             for dev, msg in failed:
-                events.emit_in(s, kind="Device", name=dev, reason=events.UPDATE_FAILED,
-                               type_="Warning", message=msg, now_ms=now)
+                res.events.append({"kind": "Device", "name": dev, "type_": "Warning",
+                                   "reason": events.UPDATE_FAILED, "message": msg})
+            s.flush()
+            events.emit_many(s, res.events, now_ms=now)
         t = time.monotonic()
         for dev, fp in pending_fp.items():
             self._fp[dev] = (fp, t)
@@ -246,52 +250,90 @@ class BatchWriter:
             s.connection().execute(_VOLATILE, narrow)
             self.narrow_writes += len(narrow)
         if full:
-            rows: dict[str, Device] = {}
-            for part in _chunks(list(full)):
-                for d in s.exec(select(Device).where(col(Device.device_id).in_(part))).all():
-                    rows[d.device_id] = d
-            for dev, (hb, labels, fp) in full.items():
-                d = rows.get(dev) or Device(device_id=dev)
-                res.changed |= self._full_heartbeat(s, d, hb, labels, failed, now)
-                pending_fp[dev] = fp
+            res.changed |= self._full_heartbeats(s, full, failed, now)
+            pending_fp.update((dev, fp) for dev, (_hb, _l, fp) in full.items())
             self.full_writes += len(full)
         for dev in parsed:
             if not online.get(dev, False):
                 res.changed = True
                 if batch.presence.get(dev, (None, False, 0, -1))[3] > parsed[dev][2]:
                     continue     # an offline after this heartbeat wins; no online flap
-                events.emit_in(s, kind="Device", name=dev, reason=events.DEVICE_ONLINE,
-                               message=f"device {dev} is online (heartbeat)", now_ms=now)
+                res.events.append({"kind": "Device", "name": dev, "reason": events.DEVICE_ONLINE,
+                                   "message": f"device {dev} is online (heartbeat)"})
         return {dev: order for dev, (_hb, _l, order) in parsed.items()}
 
-    def _full_heartbeat(self, s: Session, d: Device, hb: Any, labels: dict[str, str],
-                        failed: list[tuple[str, str]], now: int) -> bool:
-        dev = d.device_id
-        # a new class or new labels can move the device into or out of a rollout
-        changed = d.device_class != hb.device_class[:253] or (d.labels or {}) != labels
-        d.device_class = hb.device_class[:253]
-        d.labels = labels
-        d.facts = _to_dict(hb.facts)
-        served = [_to_dict(m) for m in hb.models]
-        changed |= served != (d.models or [])    # observed state moved: re-compare
-        d.models = served
-        d.updates = [_to_dict(u) for u in hb.updates[:16]]
-        d.health, d.health_reason = hb.health[:32], hb.health_reason[:1024]
-        d.agent_version, d.uptime_s = hb.agent_version[:64], int(hb.uptime_s)
-        d.serve_url, d.heartbeat_seq = hb.serve_url[:512], int(hb.seq)
-        d.slots = [_to_dict(m) for m in hb.slots[: 2 * self.settings.max_heartbeat_models]]
-        faults = [_to_dict(f) for f in hb.faults[:16]]
-        changed |= faults != (d.faults or [])
-        d.faults = faults
-        d.restarts, d.desired_generation = int(hb.restarts), int(hb.desired_generation)
-        d.heartbeat_interval_ms = int(hb.heartbeat_interval_ms)
-        d.last_heartbeat_ms = d.last_seen_ms = now
-        d.online, d.offline_since_ms, d.offline_reason = True, None, ""
-        s.add(d)
-        for u in hb.updates[:16]:
-            changed |= move_rollout(s, dev, u.update_id, u.state, u.reason, u.bytes_received,
-                                    failed=failed)
+    def _full_heartbeats(self, s: Session, full: dict[str, tuple[Any, dict[str, str], Any]],
+                         failed: list[tuple[str, str]], now: int) -> bool:
+        """Rewrite the rows of heartbeats that changed (or are not cached): the old class,
+        labels, models and faults read in one query per 500 devices, then one executemany
+        UPDATE (INSERT for new devices). True when rollout-relevant state moved."""
+        t = Device.__table__  # type: ignore[attr-defined]
+        old: dict[str, tuple[Any, ...]] = {}
+        for part in _chunks(list(full)):
+            for r in s.connection().execute(
+                    sa_select(t.c.device_id, t.c.device_class, t.c.labels, t.c.models,
+                              t.c.faults).where(t.c.device_id.in_(part))).all():
+                old[r[0]] = tuple(r[1:])
+        changed = False
+        updates: list[dict[str, Any]] = []
+        inserts: list[dict[str, Any]] = []
+        for dev, (hb, labels, _fp) in full.items():
+            vals = {
+                "device_class": hb.device_class[:253], "labels": labels,
+                "facts": _to_dict(hb.facts), "models": [_to_dict(m) for m in hb.models],
+                "updates": [_to_dict(u) for u in hb.updates[:16]],
+                "health": hb.health[:32], "health_reason": hb.health_reason[:1024],
+                "agent_version": hb.agent_version[:64], "uptime_s": int(hb.uptime_s),
+                "serve_url": hb.serve_url[:512], "heartbeat_seq": int(hb.seq),
+                "slots": [_to_dict(m) for m in hb.slots[: 2 * self.settings.max_heartbeat_models]],
+                "faults": [_to_dict(f) for f in hb.faults[:16]],
+                "restarts": int(hb.restarts), "desired_generation": int(hb.desired_generation),
+                "heartbeat_interval_ms": int(hb.heartbeat_interval_ms),
+                "last_heartbeat_ms": now, "last_seen_ms": now, "online": True,
+                "offline_since_ms": None, "offline_reason": ""}
+            prev = old.get(dev)
+            if prev is None:
+                inserts.append({**self._template(), **vals, "device_id": dev})
+                changed = True
+            else:
+                cls, lab, models, faults = prev
+                # a new class or new labels can move the device into or out of a rollout;
+                # new models or faults: observed state moved, the rollouts re-compare
+                changed |= (cls != vals["device_class"] or (lab or {}) != labels
+                            or (models or []) != vals["models"]
+                            or (faults or []) != vals["faults"])
+                updates.append({"k_id": dev, **{f"p_{k}": v for k, v in vals.items()}})
+        conn = s.connection()
+        if inserts:
+            conn.execute(t.insert(), inserts)
+        if updates:
+            conn.execute(self._full_update(tuple(k[2:] for k in updates[0] if k != "k_id")),
+                         updates)
+        for dev, (hb, _labels, _fp) in full.items():
+            for u in hb.updates[:16]:
+                changed |= move_rollout(s, dev, u.update_id, u.state, u.reason,
+                                        u.bytes_received, failed=failed)
         return changed
+
+    _TEMPLATE: dict[str, Any] | None = None
+    _UPDATES: dict[tuple[str, ...], Any] = {}
+
+    @classmethod
+    def _template(cls) -> dict[str, Any]:
+        """Every Device column with its default (an INSERT names them all)."""
+        if cls._TEMPLATE is None:
+            cls._TEMPLATE = Device(device_id="").model_dump()
+        return cls._TEMPLATE
+
+    @classmethod
+    def _full_update(cls, cols: tuple[str, ...]) -> Any:
+        """UPDATE of these columns (bound as p_{column}) by device id (k_id)."""
+        stmt = cls._UPDATES.get(cols)
+        if stmt is None:
+            stmt = cls._UPDATES[cols] = update(Device).where(
+                col(Device.device_id) == bindparam("k_id")).values(
+                **{k: bindparam(f"p_{k}") for k in cols})
+        return stmt
 
     def _labels(self, dev: str, labels: Any) -> dict[str, str]:
         """The heartbeat's labels within limits; over-long or excess ones dropped, logged."""
@@ -344,12 +386,12 @@ class BatchWriter:
             s.add(d)
             res.changed = True
             if bool(p.online) != bool(was_online):
-                events.emit_in(
-                    s, kind="Device", name=dev,
-                    reason=events.DEVICE_ONLINE if p.online else events.DEVICE_OFFLINE,
-                    type_="Normal" if p.online else "Warning", now_ms=now,
-                    message=f"device {dev} is {'online' if p.online else 'offline'}"
-                            + ("" if p.online else f" ({p.reason[:64] or 'offline'})"))
+                res.events.append({
+                    "kind": "Device", "name": dev,
+                    "reason": events.DEVICE_ONLINE if p.online else events.DEVICE_OFFLINE,
+                    "type_": "Normal" if p.online else "Warning",
+                    "message": f"device {dev} is {'online' if p.online else 'offline'}"
+                               + ("" if p.online else f" ({p.reason[:64] or 'offline'})")})
 
     # -- update statuses ---------------------------------------------------------------------------
     def _statuses(self, s: Session, batch: Batch, res: Result, failed: list[tuple[str, str]],

@@ -67,14 +67,17 @@ class Sweeper:
             rows = s.exec(select(Device).where(cond)).all()
             if not rows:
                 return False
+            said = []
             for d in rows:
                 silent_s = (now - (d.last_heartbeat_ms or d.last_seen_ms or now)) / 1000
                 d.online, d.offline_since_ms, d.offline_reason = False, now, REASON
                 s.add(d)
-                events.emit_in(s, kind="Device", name=d.device_id, reason=events.DEVICE_OFFLINE,
-                               type_="Warning", now_ms=now,
-                               message=f"device {d.device_id} is offline ({REASON}: no "
-                                       f"heartbeat for {silent_s:.0f} s)")
+                said.append({"kind": "Device", "name": d.device_id, "type_": "Warning",
+                             "reason": events.DEVICE_OFFLINE,
+                             "message": f"device {d.device_id} is offline ({REASON}: no "
+                                        f"heartbeat for {silent_s:.0f} s)"})
+            s.flush()
+            events.emit_many(s, said, now_ms=now)
             self.marked += len(rows)
         log.warning("%d device(s) marked offline: no heartbeat for %d periods", len(rows), missed)
         return True

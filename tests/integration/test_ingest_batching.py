@@ -269,3 +269,23 @@ def test_batches_and_sweep_on_postgres(tmp_path: Path, postgres_url: str) -> Non
         assert d is not None and not d.online and d.offline_reason == REASON
     finally:
         engine.dispose()
+
+
+def test_emit_many_dedupes_against_stored_and_within_the_batch(ing: Ingest) -> None:
+    from controller.fleet import events
+
+    def ev(name: str, reason: str) -> dict[str, Any]:
+        return {"kind": "Device", "name": name, "reason": reason, "message": f"{name} {reason}"}
+
+    with Session(ing.engine) as s:
+        assert events.emit_many(s, [ev("a", "DeviceOnline"), ev("a", "DeviceOnline"),
+                                    ev("b", "DeviceOnline")], now_ms=1) == 2
+        s.commit()
+    with Session(ing.engine) as s:
+        # a's latest already says it; b goes offline; then a flaps off and on within one batch
+        assert events.emit_many(s, [ev("a", "DeviceOnline"), ev("b", "DeviceOffline"),
+                                    ev("a", "DeviceOffline"), ev("a", "DeviceOnline")],
+                                now_ms=2) == 3
+        s.commit()
+    assert _events(ing.engine, "a") == ["DeviceOnline", "DeviceOffline", "DeviceOnline"]
+    assert _events(ing.engine, "b") == ["DeviceOnline", "DeviceOffline"]
