@@ -16,7 +16,10 @@ one MQTT 5 connection per device, in this process) and measures:
 - ``silent``: devices whose heartbeats stop without a will: seconds until the liveness sweep
   marks them offline (3 missed periods);
 - ``reconnect``: every device dropped, then all reconnect at once: seconds until all show
-  online again.
+  online again;
+- ``rollout``: the fleet serves v1 of a 5.2 MB engine; v2 (every weight different) goes to
+  every device in one wave with the fleet rate cap raised to 1 GiB/s, the devices fetching
+  chunks per the real protocol: time to 50 % and 100 %, failures, bytes, CPU.
 
     .venv/bin/python -m bench.fleet_scale --rows quick      # 1k and 3k, SQLite (~6 min)
     .venv/bin/python -m bench.fleet_scale --rows full       # + 10k, PostgreSQL, replicas
@@ -287,12 +290,17 @@ async def _until(pred: Any, timeout_s: float, step: float = 0.25) -> float | Non
 
 async def run_row(row: Row, *, duration_s: float, pg_url: str, keep: bool) -> Row:
     root = Path(tempfile.mkdtemp(prefix=f"fleet-scale-{row.kind}-"))
-    settings = {"compile_in_process_pool": False}
+    settings: dict[str, Any] = {"compile_in_process_pool": False}
+    if row.kind == "rollout":        # "on loopback with the rate limit raised"
+        settings["ota_max_bytes_per_second"] = ROLLOUT_RATE
     lab = Lab(root, db=row.db, replicas=row.replicas, settings=settings, pg_url=pg_url)
     await lab.start()
+    extra: dict[str, Any] = {}
+    if row.kind == "rollout":
+        extra = await _model_v1(lab, root)
     fleet = Fleet(FleetConfig(port=lab.mqtt_port, devices=row.devices,
                               heartbeat_s=row.period_s, metrics_s=row.period_s * 1.5,
-                              connect_rate=1000.0, hb_log_depth=64))
+                              connect_rate=1000.0, hb_log_depth=64, **extra))
     watch: DbWatch | None = None
     try:
         t_conn = time.monotonic()
@@ -313,6 +321,8 @@ async def run_row(row: Row, *, duration_s: float, pg_url: str, keep: bool) -> Ro
             await _silent(row, fleet, watch)
         elif row.kind == "reconnect":
             await _reconnect(row, fleet, watch)
+        elif row.kind == "rollout":
+            await _rollout(row, lab, fleet, watch, root)
         async with httpx.AsyncClient(timeout=10) as c:
             st = (await c.get(f"{lab.controllers[0].url}/api/v1/ingest")).json()
         row.data["dropped"] = st.get("droppedTotal")
@@ -421,6 +431,102 @@ async def _reconnect(row: Row, fleet: Fleet, watch: DbWatch) -> None:
                      "online_at_end": watch.online_of(ids)})
 
 
+ROLLOUT_RATE = 1024 * 1024 * 1024     # fleet OTA cap for the rollout row (default 8 MiB/s)
+ENGINE_SHAPE = (1024, 1280)           # float32 weights: a 5.2 MB engine
+
+
+async def _publish_model(lab: Lab, root: Path, *, version: int, seed: int) -> str:
+    """Build an affine ONNX model of ENGINE_SHAPE, upload and apply it as EdgeModel m at
+    ``version`` through the API, wait until compiled; returns its engine's sha256."""
+    from tests.helpers.controller import device_class, edge_model
+    from tests.helpers.models import build_affine
+
+    src = build_affine(root / f"m{version}.onnx", marker=float(version), n_in=ENGINE_SHAPE[0],
+                       n_out=ENGINE_SHAPE[1], seed=seed)
+    url = lab.controllers[0].url
+    async with httpx.AsyncClient(timeout=120) as c:
+        r = await c.post(f"{url}/api/v1/artifacts", content=src.read_bytes())
+        r.raise_for_status()
+        sha = r.json()["sha256"]
+        docs = [device_class(), edge_model("m", sha256=sha, version=version)]
+        (await c.post(f"{url}/api/v1/apply", json=docs)).raise_for_status()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            st = ((await c.get(f"{url}/api/v1/models/default/m")).json().get("status") or {})
+            if st.get("phase") == "Ready" and st.get("version") == version:
+                return str(st["engines"][0]["sha256"])
+            await asyncio.sleep(1)
+    raise RuntimeError(f"model v{version} not compiled in 300 s")
+
+
+async def _model_v1(lab: Lab, root: Path) -> dict[str, Any]:
+    """The fleet serves v1 of model m from the start (so v2 ships as a delta from it)."""
+    from bench.fleet_sim import ServedSpec
+    from controller.ota.keys import KeyStore
+
+    sha = await _publish_model(lab, root, version=1, seed=1)
+    keys = KeyStore.load_or_init(lab.controllers[0].data_dir / "keys")
+    return {"models": (ServedSpec("m", 1, sha),), "root_public_key": keys.root_public_raw()}
+
+
+async def _rollout(row: Row, lab: Lab, fleet: Fleet, watch: DbWatch, root: Path) -> None:
+    """v2 (every weight different: the delta is as big as the engine) to every device in one
+    wave: time to 100 %, CPU of controller and broker, bytes published and received."""
+    from tests.helpers.controller import edge_rollout
+
+    t_c = time.monotonic()
+    v2 = await _publish_model(lab, root, version=2, seed=2)
+    compile_s = time.monotonic() - t_c
+    procs = lab.processes()
+    meter = Meter([*procs, psutil.Process(os.getpid())])
+    bytes0 = fleet.stats.chunk_bytes
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(timeout=60) as c:
+        doc = edge_rollout("r", "m", [{"name": "all", "percent": 100}])
+        (await c.post(f"{lab.controllers[0].url}/api/v1/apply", json=[doc])).raise_for_status()
+    n = row.devices
+
+    def served_v2() -> int:
+        return sum(1 for d in fleet.devices.values()
+                   if any(m.sha256 == v2 and m.active for m in d.served()))
+
+    done_at: list[tuple[float, int]] = []
+
+    def progress() -> bool:
+        k = served_v2()
+        done_at.append((time.monotonic() - t0, k))
+        meter.sample()
+        return k >= n or fleet.stats.updates_failed + fleet.stats.updates_rolled_back + k >= n
+
+    took = await _until(progress, 900, step=0.5)
+    cpu = meter.result()
+    k = served_v2()
+    with watch.engine.connect() as conn:
+        sent = conn.execute(text(
+            "SELECT coalesce(sum(bytes_sent), 0), count(*), "
+            "count(DISTINCT base_sha256 || codec || payload_size), max(payload_size), "
+            "max(codec) FROM devicerollout")).one()
+        deltas = conn.execute(text("SELECT count(*) FROM delta")).scalar()
+    half = next((t for t, c in done_at if c >= n // 2), None)
+    n_ctl = len(lab.controllers)
+    row.data.update({
+        "engine_mb": round(ENGINE_SHAPE[0] * ENGINE_SHAPE[1] * 4 / 1e6, 1),
+        "compile_v2_s": round(compile_s, 1), "rate_cap_mib_s": ROLLOUT_RATE // 2**20,
+        "time_to_100pct_s": _r(took, 1), "time_to_50pct_s": _r(half, 1),
+        "committed": k, "failed": fleet.stats.updates_failed,
+        "rolled_back": fleet.stats.updates_rolled_back,
+        "stall_rerequests": fleet.stats.stall_rerequests,
+        "bytes_published_controller_mb": round(int(sent[0]) / 1e6, 1),
+        "bytes_received_devices_mb": round((fleet.stats.chunk_bytes - bytes0) / 1e6, 1),
+        "offers": int(sent[1]), "distinct_payloads": int(sent[2]), "delta_rows": deltas,
+        "payload_mb": round(float(sent[3]) / 1e6, 2), "codecs": sorted({str(sent[4])}),
+        "controller_cpu_pct": [round(x[0], 1) for x in cpu[:n_ctl]],
+        "controller_rss_mb": [round(x[1] / 2**20) for x in cpu[:n_ctl]],
+        "broker_cpu_pct": round(cpu[n_ctl][0], 1) if len(cpu) > n_ctl + 1 else None,
+        "sim_cpu_pct": round(cpu[-1][0], 1),
+    })
+
+
 def _by_window(timeline: list[tuple[int, float]], ms: int) -> list[float | None]:
     """p99 lag per ``ms`` window of send time: when in the run the lag happened."""
     if not timeline:
@@ -438,10 +544,11 @@ def _r(v: float | None, nd: int = 2) -> float | None:
 
 PRESETS = {
     "quick": "steady:1000:10:sqlite:1,steady:3000:10:sqlite:1,offline:3000,silent:1000:2,"
-             "reconnect:3000",
+             "reconnect:3000,rollout:1000",
     "full": "steady:1000:10:sqlite:1,steady:3000:10:sqlite:1,steady:10000:10:sqlite:1,"
             "steady:1000:1:sqlite:1,steady:3000:10:postgres:1,steady:10000:10:postgres:1,"
-            "steady:10000:10:postgres:3,offline:10000,silent:1000:2,reconnect:10000",
+            "steady:10000:10:postgres:3,offline:10000,silent:1000:2,reconnect:10000,"
+            "rollout:1000",
 }
 
 
