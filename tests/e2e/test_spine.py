@@ -73,8 +73,14 @@ async def test_spine(mosquitto: Broker, tmp_path: Path) -> None:
                                  what="3/3 agents serving digits@1", on_timeout=fleet.logs)
         assert set(serving) == {"board-1", "board-2", "board-3"}
 
-        # the rollout records per-device state and bytes sent
-        ro = await fleet.get("/api/v1/rollouts/default/digits")
+        # the rollout records per-device state and bytes sent (its status is the reconcile's
+        # comparison of desired and observed: it follows the heartbeats by one pass)
+        async def rollout_done() -> dict[str, Any] | None:
+            r: dict[str, Any] = await fleet.get("/api/v1/rollouts/default/digits")
+            return r if r["devices_committed"] == 3 else None
+
+        ro = await wait_for(rollout_done, timeout_s=30, what="the rollout counts 3 committed",
+                            on_timeout=fleet.logs)
         assert ro["devices_committed"] == 3 and len(ro["devices"]) == 3 == len(ro["history"])
         assert {d["wave"] for d in ro["history"]} == {0, 1}       # canary, then the rest
         assert all(d["bytes_sent"] > 0 for d in ro["history"])
