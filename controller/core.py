@@ -458,7 +458,12 @@ class ControllerCore:
             self.kick()
 
     def _write_status(self, res: dict[str, Any], status: dict[str, Any]) -> bool:
-        """Store ``status`` if the resource still exists; True when its phase/engines changed."""
+        """Store ``status`` if the resource still exists; True when its phase/engines changed.
+
+        A replica that lost the lease while the pass ran writes nothing (the new leader's
+        pass decides)."""
+        if self.leader is not None and not self.leader.is_leader:
+            return False
         md = res["metadata"]
         with session_scope(self.db) as s:
             row = s.exec(select(Resource).where(Resource.uid == md["uid"],

@@ -197,6 +197,7 @@ class BatchWriter:
         failed: list[tuple[str, str]] = []
         now = _now_ms()
         with session_scope(self.engine) as s:
+            self._lock_devices(s, batch)
             hb_order = self._heartbeats(s, batch, res, pending_fp, failed, now)
             self._presence(s, batch, res, hb_order, now)
             self._metrics(s, batch, res, now)
@@ -210,6 +211,20 @@ class BatchWriter:
         for dev, fp in pending_fp.items():
             self._fp[dev] = (fp, t)
         return res
+
+    def _lock_devices(self, s: Session, batch: Batch) -> None:
+        """PostgreSQL: lock the batch's device rows first, in device-id order. Replicas sharing
+        ingest write the same devices (shared subscriptions deal each message to any of
+        them); taking every row lock up front in one order means they wait for each other
+        instead of deadlocking (device rows, then metric snapshots, both sorted)."""
+        if s.connection().dialect.name != "postgresql":
+            return
+        ids = sorted({*batch.heartbeats, *batch.presence, *(d for d, _p, _t in batch.metrics),
+                      *(d for d, _p, _t in batch.statuses)})
+        t = Device.__table__  # type: ignore[attr-defined]
+        for part in _chunks(ids):
+            s.connection().execute(sa_select(t.c.device_id).where(t.c.device_id.in_(part))
+                                   .order_by(t.c.device_id).with_for_update())
 
     # -- heartbeats --------------------------------------------------------------------------------
     def _fingerprint(self, hb: Any, labels: dict[str, str]) -> tuple[Any, ...]:
@@ -247,6 +262,7 @@ class BatchWriter:
             else:
                 full[dev] = (hb, labels, fp)
         if narrow:
+            narrow.sort(key=lambda p: str(p["b_id"]))
             s.connection().execute(_VOLATILE, narrow)
             self.narrow_writes += len(narrow)
         if full:
@@ -307,6 +323,7 @@ class BatchWriter:
         if inserts:
             conn.execute(t.insert(), inserts)
         if updates:
+            updates.sort(key=lambda p: str(p["k_id"]))
             conn.execute(self._full_update(tuple(k[2:] for k in updates[0] if k != "k_id")),
                          updates)
         for dev, (hb, _labels, _fp) in full.items():

@@ -446,8 +446,9 @@ class PlainBatch:
         ids = sorted(set(device_ids))
         for part in _chunks(ids):
             q = sa_select(*[t.c[c] for c in _SNAP_COLS]).where(t.c.device_id.in_(part))
-            if conn.dialect.name == "postgresql":
-                q = q.with_for_update()
+            if conn.dialect.name == "postgresql":   # locked in one order: no deadlocks
+                q = q.order_by(t.c.device_id, t.c.model_name, t.c.model_version
+                               ).with_for_update()
             for r in conn.execute(q).all():
                 snap = PlainSnap(**{c: getattr(r, c) for c in _SNAP_COLS}, stored=True)
                 self.snaps.setdefault(r.device_id, {})[(r.model_name, r.model_version)] = snap
