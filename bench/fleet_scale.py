@@ -363,17 +363,20 @@ async def _steady(row: Row, lab: Lab, fleet: Fleet, watch: DbWatch, duration_s: 
     sent_hb = fleet.stats.sent["heartbeat"] - sent_hb0
     sent_m = fleet.stats.sent["metrics"] - sent_m0
     cpu = meter.result()
-    # every message counted: the fleet falls silent, the last batches land, then the rows
-    # are compared with every metrics message the fleet ever sent
+    # every message counted: the fleet falls silent, then the rows are compared with every
+    # metrics message the fleet ever sent, once all have landed (or 30 s passed: lost)
     fleet.silence(fleet.ids)
-    await asyncio.sleep(5)
-    await asyncio.to_thread(watch.poll)
-    watch.measuring = False
     all_m = fleet.stats.sent["metrics"]
+
+    def behind() -> int:
+        return sum(1 for d in fleet.ids if fleet.heartbeats.last_seq(d) - watch.rows.get(
+            d, (0, None, False))[0] > 0)
+
+    await _until(lambda: watch.poll() is not None and behind() == 0 and watch.count(
+        "SELECT count(*) FROM metricsample") >= all_m, 30, step=0.5)
+    watch.measuring = False
     rows_all = watch.count("SELECT count(*) FROM metricsample")
     rows_m = rows_all - rows_m0
-    behind = sum(1 for d in fleet.ids if fleet.heartbeats.last_seq(d) - watch.rows.get(
-        d, (0, None, False))[0] > 0)
     n_ctl = len(lab.controllers)
     row.data.update({
         "msgs_per_s": round((sent_hb + sent_m) / duration_s, 1),
@@ -384,7 +387,7 @@ async def _steady(row: Row, lab: Lab, fleet: Fleet, watch: DbWatch, duration_s: 
         "metrics_sent": all_m, "metrics_stored": rows_all,
         "metrics_stored_pct": round(100.0 * rows_all / all_m, 1) if all_m else None,
         "metrics_in_window_sent": sent_m, "metrics_in_window_stored": rows_m,
-        "devices_known": len(watch.rows), "devices_behind": behind,
+        "devices_known": len(watch.rows), "devices_behind": behind(),
         "controller_cpu_pct": [round(x[0], 1) for x in cpu[:n_ctl]],
         "controller_rss_mb": [round(x[1] / 2**20) for x in cpu[:n_ctl]],
         "broker_cpu_pct": round(cpu[n_ctl][0], 1) if len(cpu) > n_ctl + 1 else None,
@@ -398,11 +401,11 @@ async def _steady(row: Row, lab: Lab, fleet: Fleet, watch: DbWatch, duration_s: 
 async def _offline(row: Row, lab: Lab, fleet: Fleet, watch: DbWatch) -> None:
     n = min(1000, row.devices)
     ids = fleet.ids[:n]
-    t0 = time.monotonic()
+    dropped_ms = int(time.time() * 1000)
     fleet.drop(ids)
     took = await _until(lambda: watch.poll().online_of(ids) == 0, 120)
     ev = watch.count("SELECT count(DISTINCT name) FROM event WHERE reason = 'DeviceOffline' "
-                     "AND at_ms >= :t", t=int((time.time() - (time.monotonic() - t0)) * 1000))
+                     "AND at_ms >= :t", t=dropped_ms)
     row.data.update({"dropped_devices": n, "all_offline_s": _r(took, 1),
                      "offline_events": ev,
                      "still_online": watch.online_of(ids)})

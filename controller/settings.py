@@ -70,7 +70,8 @@ class Settings:
     offline_after_missed: int = 3
     heartbeat_interval_s: float = 10.0
     offline_check_s: float = 5.0
-    # the reconcile loop runs at most once per this many seconds when kicked by telemetry
+    # the reconcile loop runs at most once per this many seconds: kicks that arrive together
+    # (a telemetry batch, a burst of applies) share one pass
     reconcile_min_interval_s: float = 0.25
     # reconcile
     resync_s: float = 10.0

@@ -37,21 +37,12 @@ def emit(db: DbEngine, *, kind: str, name: str, reason: str, message: str,
          type_: str = "Normal", now_ms: int) -> bool:
     """Write an Event unless the latest one of this object says the same; True if written."""
     with session_scope(db) as s:
-        return emit_in(s, kind=kind, name=name, reason=reason, message=message, type_=type_,
-                       now_ms=now_ms)
-
-
-def emit_in(s: Session, *, kind: str, name: str, reason: str, message: str,
-            type_: str = "Normal", now_ms: int) -> bool:
-    """``emit`` inside the caller's transaction (the batched ingest writes its events with
-    the rows that caused them: both land or neither)."""
-    s.flush()      # an event added earlier in this transaction counts for the dedupe
-    last = s.exec(select(Event).where(Event.kind == kind, Event.name == name)
-                  .order_by(col(Event.id).desc())).first()
-    if last is not None and (last.reason, last.message) == (reason, message[:2000]):
-        return False
-    s.add(Event(at_ms=now_ms, kind=kind, name=name, type=type_, reason=reason,
-                message=message[:2000]))
+        last = s.exec(select(Event).where(Event.kind == kind, Event.name == name)
+                      .order_by(col(Event.id).desc())).first()
+        if last is not None and (last.reason, last.message) == (reason, message[:2000]):
+            return False
+        s.add(Event(at_ms=now_ms, kind=kind, name=name, type=type_, reason=reason,
+                    message=message[:2000]))
     log.info("event %s %s %s: %s", kind, name, reason, message[:300])
     return True
 

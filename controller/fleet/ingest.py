@@ -82,7 +82,6 @@ class Ingest:
         self._batch = Batch()
         self._order = 0
         self._wake = asyncio.Event()
-        self._busy = False
         self._lock = threading.Lock()      # one writer at a time (the task, drain, handle)
         self.received: Counter[str] = Counter()
         self.coalesced = 0
@@ -262,11 +261,7 @@ class Ingest:
             changed = False
             batch = self._take()
             if batch is not None:
-                self._busy = True
-                try:
-                    changed = await self._off_or_on_loop(self._write, batch)
-                finally:
-                    self._busy = False
+                changed = await self._off_or_on_loop(self._write, batch)
             if self.settings.offline_after_missed > 0 and loop.time() >= next_sweep:
                 next_sweep = loop.time() + self.settings.offline_check_s
                 try:

@@ -184,13 +184,6 @@ class BatchWriter:
         self.full_writes = 0
         self.narrow_writes = 0
 
-    def forget(self, device_id: str | None = None) -> None:
-        """Drop cached fingerprints (all, or one device's): the next heartbeat rewrites it."""
-        if device_id is None:
-            self._fp.clear()
-        else:
-            self._fp.pop(device_id, None)
-
     def apply(self, batch: Batch) -> Result:
         res = Result()
         pending_fp: dict[str, tuple[Any, ...]] = {}
@@ -205,7 +198,6 @@ class BatchWriter:
             for dev, msg in failed:
                 res.events.append({"kind": "Device", "name": dev, "type_": "Warning",
                                    "reason": events.UPDATE_FAILED, "message": msg})
-            s.flush()
             events.emit_many(s, res.events, now_ms=now)
         t = time.monotonic()
         for dev, fp in pending_fp.items():
@@ -425,7 +417,7 @@ class BatchWriter:
                     probe=_to_dict(st.probe) if st.HasField("probe") else None)
                 seen.add(dev)
             except Garbage as e:
-                res.garbage.append((dev, "garbage", f"{'update/status'}: {e}"))
+                res.garbage.append((dev, "garbage", f"update/status: {e}"))
         if seen:
             s.connection().execute(_SEEN, [{"b_id": d, "b_now": now} for d in sorted(seen)])
 

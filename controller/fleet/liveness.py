@@ -76,7 +76,6 @@ class Sweeper:
                              "reason": events.DEVICE_OFFLINE,
                              "message": f"device {d.device_id} is offline ({REASON}: no "
                                         f"heartbeat for {silent_s:.0f} s)"})
-            s.flush()
             events.emit_many(s, said, now_ms=now)
             self.marked += len(rows)
         log.warning("%d device(s) marked offline: no heartbeat for %d periods", len(rows), missed)

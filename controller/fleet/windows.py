@@ -298,35 +298,16 @@ def _counters(snap: MetricSnapshot) -> Counters:
     return Counters(snap.requests, snap.errors, h)
 
 
-def load_snapshots(s: Session, device_ids: Iterable[str]
-                   ) -> dict[str, dict[tuple[str, int], MetricSnapshot]]:
-    """The stored snapshots of many devices in a few queries (rows locked on PostgreSQL, so
-    replicas sharing ingest difference one device's messages one at a time)."""
-    out: dict[str, dict[tuple[str, int], MetricSnapshot]] = {}
-    ids = sorted(set(device_ids))
-    for part in _chunks(ids):
-        for r in s.exec(select(MetricSnapshot).where(col(MetricSnapshot.device_id).in_(part))
-                        .with_for_update()).all():
-            out.setdefault(r.device_id, {})[(r.model_name, r.model_version)] = r
-    for d in ids:
-        out.setdefault(d, {})
-    return out
-
-
 def record(s: Session, *, device_id: str, at_ms: int, models: Mapping[tuple[str, int], Counters],
-           buffered: bool = False, max_window_ms: int = MAX_WINDOW_MS,
-           snapshots: dict[tuple[str, int], MetricSnapshot] | None = None,
+           buffered: bool = False, max_window_ms: int = MAX_WINDOW_MS
            ) -> dict[tuple[str, int], MetricWindow | None]:
     """Difference one Metrics message against the stored snapshots, add its MetricWindow rows
     to ``s`` and update the snapshots. Returns each (model, version)'s window, or None.
-
-    ``snapshots``: this device's rows from :func:`load_snapshots`; new snapshots are added to
-    it, so a second message of the same device differences against the first. (The batched
-    ingest uses :class:`PlainBatch`: the same differencing without ORM objects.)"""
-    if snapshots is None:
-        rows = s.exec(select(MetricSnapshot).where(MetricSnapshot.device_id == device_id)
-                      .with_for_update()).all()
-        snapshots = {(r.model_name, r.model_version): r for r in rows}
+    (The batched ingest uses :class:`PlainBatch`: the same differencing for many messages,
+    without ORM objects.)"""
+    rows = s.exec(select(MetricSnapshot).where(MetricSnapshot.device_id == device_id)
+                  .with_for_update()).all()
+    snapshots = {(r.model_name, r.model_version): r for r in rows}
     return _difference_into(snapshots, device_id=device_id, at_ms=at_ms, models=models,
                             buffered=buffered, max_window_ms=max_window_ms,
                             new_snap=MetricSnapshot, new_window=MetricWindow, add=s.add)
@@ -436,7 +417,7 @@ class PlainWindow:
 class PlainBatch:
     """Windows and snapshots of many Metrics messages, written with executemany statements
     (the batched ingest: controller/fleet/ingest_batch.py). ``load`` locks the devices'
-    snapshot rows on PostgreSQL, like :func:`load_snapshots`."""
+    snapshot rows on PostgreSQL, in one order, like :func:`record` locks one device's."""
 
     def __init__(self, conn: Any, device_ids: Iterable[str]) -> None:
         self.conn = conn

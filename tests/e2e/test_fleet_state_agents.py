@@ -170,6 +170,17 @@ def agent_status(agent: AgentProcess) -> dict[str, Any]:
 
 
 # ---- 1-3: versions only go up, identical-bytes bump, counters per version ------------------
+
+async def _paused_at(fleet: Any, version: int) -> dict[str, Any]:
+    """The status of rollout m once the canary gate of ``version`` failed (phase Paused)."""
+    async def paused() -> dict[str, Any] | None:
+        st: dict[str, Any] = await fleet.rollout("m")
+        return st if st.get("version") == version and st.get("phase") == "Paused" else None
+
+    return await wait_for(paused, timeout_s=90, what=f"v{version}: the canary gate failed",
+                          on_timeout=fleet.logs)
+
+
 async def test_identical_bump_moves_no_bytes_counters_stay_per_version_downgrade_refused(
         mosquitto: Broker, tmp_path: Path) -> None:
     models = tmp_path / "models"
@@ -316,12 +327,7 @@ async def test_no_stale_failed_update_state_after_a_good_version_commits(
         # v2's engine answers NaN: the canary's smoke check refuses it and keeps serving v1
         await fleet.apply(model_doc("m", version=2, path=broken))
 
-        async def canary_failed() -> dict[str, Any] | None:
-            st = await fleet.rollout("m")
-            return st if st.get("version") == 2 and st.get("phase") == "Paused" else None
-
-        st = await wait_for(canary_failed, timeout_s=90, what="v2 gate failed on the canary",
-                            on_timeout=fleet.logs)
+        st = await _paused_at(fleet, 2)
         canary = st["devices"]["board-1"]
         assert canary["state"] in FAILED and "smoke_check_failed" in canary["reason"], canary
         assert st["failed"] == 1 and st["devices"]["board-2"]["state"] == "pending", st
@@ -717,12 +723,7 @@ async def test_late_board_waits_in_the_last_wave_then_boards_after_complete_get_
                           rollout_doc("m", model="m", waves=CANARY_THEN_REST,
                                       onFailure="pause"))
 
-        async def gate_failed() -> dict[str, Any] | None:
-            st = await fleet.rollout("m")
-            return st if st.get("version") == 1 and st.get("phase") == "Paused" else None
-
-        st = await wait_for(gate_failed, timeout_s=90, what="the canary gate failed",
-                            on_timeout=fleet.logs)
+        st = await _paused_at(fleet, 1)
         canary = st["devices"]["b1"]
         assert canary["state"] in FAILED and "smoke_check_failed" in canary["reason"], canary
         assert st["devices"]["c1"]["state"] == "pending", st["devices"]

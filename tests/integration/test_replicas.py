@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import re
 import select
@@ -54,7 +53,7 @@ from controller.ota.keys import KeyStore
 from controller.settings import Settings
 from protos import topics
 from protos.edgefleet.v1 import common_pb2
-from tests.helpers.broker import Broker, mosquitto_path
+from tests.helpers.broker import Broker
 from tests.helpers.controller import (
     FakeDevice,
     edge_rollout,
@@ -63,35 +62,18 @@ from tests.helpers.controller import (
     rollout_status,
     wait_until,
 )
-from tests.helpers.postgres import pg_bin
-from tests.helpers.postgres import postgres_url as _server_fixture
+from tests.helpers.postgres import postgres_or_missing
 
 pytestmark = pytest.mark.postgres
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"chunk_size_bytes": 4096, "ota_max_bytes_per_second": 1024 * 1024}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _servers_required_in_ci() -> None:
-    """Under CI a missing PostgreSQL / psycopg / Mosquitto fails; elsewhere it skips."""
-    if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
-        return
-    missing = [what for what, ok in (
-        ("PostgreSQL server binaries (initdb, pg_ctl)", pg_bin("initdb") and pg_bin("pg_ctl")),
-        ("mosquitto", mosquitto_path())) if not ok]
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        missing.append("psycopg")
-    if missing:
-        pytest.fail(f"CI=true but {', '.join(missing)} missing: the replica tests must run")
-
-
 @pytest.fixture(scope="module")
-def pg_server(_servers_required_in_ci: None) -> Iterator[str]:
-    """One throwaway PostgreSQL server for the module (tests/helpers/postgres.py's fixture,
-    module-scoped here: starting a server per test would take most of the time budget)."""
-    yield from inspect.unwrap(_server_fixture)()
+def pg_server() -> Iterator[str]:
+    """One throwaway PostgreSQL server for the module (starting a server per test would take
+    most of the time budget)."""
+    yield from postgres_or_missing()
 
 
 @pytest.fixture
